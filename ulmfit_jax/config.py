@@ -93,6 +93,8 @@ class ClassifierConfig:
             raise ValueError(
                 f"head_ps needs one dropout per linear block ({len(self.hidden_sizes) + 1}), "
                 f"got {self.head_ps}")
+        if self.max_len is not None and self.max_len < self.bptt:
+            raise ValueError(f"max_len ({self.max_len}) must be at least bptt ({self.bptt}): BPT3C keeps whole windows")
 
     @property
     def head_sizes(self) -> tuple[int, ...]:

@@ -1,0 +1,152 @@
+"""Golden tests: fastai 2.8.12 in PyTorch and ulmfit_jax with the same (converted) weights."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fastai_reference import (fastai_classifier, fastai_language_model, gradient_dict, pad_input_chunk,
+                              state_dict_numpy, torch)
+from ulmfit_jax import convert, encoder, losses, models
+from ulmfit_jax.config import awd_lstm_clas_config, awd_lstm_lm_config
+
+LM_CONFIGS = [
+    dict(vocab_size=37, emb_size=7, n_hidden=11, n_layers=1),
+    dict(vocab_size=50, emb_size=8, n_hidden=10, n_layers=2, bidirectional=True),
+    dict(vocab_size=41, emb_size=9, n_hidden=13, n_layers=3, tie_weights=False),
+    dict(vocab_size=64, emb_size=6, n_hidden=14, n_layers=4, bidirectional=True),
+]
+
+
+def _lm_config(spec, drop_mult=1.0):
+    spec = dict(spec)
+    return awd_lstm_lm_config(spec.pop("vocab_size"), drop_mult=drop_mult, **spec)
+
+
+@pytest.mark.parametrize("spec", LM_CONFIGS, ids=lambda s: f"L{s['n_layers']}-bidir{s.get('bidirectional', False)}")
+def test_language_model_logits_equal_fastai_over_windows(spec):
+    config = _lm_config(spec)
+    reference = fastai_language_model(config, seed=spec["n_layers"]).eval()
+    imported_config, params = convert.import_language_model(state_dict_numpy(reference))
+    assert imported_config.encoder.layer_sizes == config.encoder.layer_sizes
+    assert imported_config.tie_weights == config.tie_weights
+
+    rng = np.random.default_rng(spec["n_layers"])
+    batch, bptt, n_windows = 3, 6, 3
+    stream = rng.integers(0, config.encoder.vocab_size, size=(batch, bptt * n_windows))
+    apply = jax.jit(lambda p, x, s: models.language_model_apply(p, x, s, config=imported_config)[:2])
+    state = encoder.initial_state(imported_config.encoder, batch)
+    reference.reset()
+    for window in range(n_windows):
+        tokens = stream[:, window * bptt:(window + 1) * bptt]
+        with torch.no_grad():
+            expected = reference(torch.tensor(tokens))[0].numpy()
+        logits, state = apply(params, jnp.asarray(tokens), state)
+        np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("spec", LM_CONFIGS[:3], ids=lambda s: f"L{s['n_layers']}")
+def test_language_model_gradients_equal_torch_autograd(spec):
+    config = _lm_config(spec, drop_mult=0.0)
+    reference = fastai_language_model(config, seed=7).train()
+    _, params = convert.import_language_model(state_dict_numpy(reference), config)
+    rng = np.random.default_rng(0)
+    batch, bptt = 2, 5
+    tokens = rng.integers(0, config.encoder.vocab_size, size=(batch, 2 * bptt + 1))
+    alpha, beta = 2.0, 1.0
+
+    # Two windows: the second starts from the (detached) state of the first, as in fastai's LM.
+    reference.reset()
+    reference(torch.tensor(tokens[:, :bptt]))
+    logits, raw, dropped = reference(torch.tensor(tokens[:, bptt:2 * bptt]))
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                             torch.tensor(tokens[:, bptt + 1:]).reshape(-1))
+    loss = loss + alpha * dropped.pow(2).mean() + beta * (raw[:, 1:] - raw[:, :-1]).pow(2).mean()
+    loss.backward()
+    _, expected = convert.import_language_model(gradient_dict(reference), config)
+
+    def loss_fn(params):
+        state = encoder.initial_state(config.encoder, batch)
+        _, state, _ = models.language_model_apply(params, jnp.asarray(tokens[:, :bptt]), state, config=config)
+        state = jax.lax.stop_gradient(state)
+        logits, _, (raw, dropped) = models.language_model_apply(params, jnp.asarray(tokens[:, bptt:2 * bptt]),
+                                                                state, config=config)
+        return (losses.cross_entropy(logits, jnp.asarray(tokens[:, bptt + 1:]))
+                + losses.activation_regularization(dropped, alpha)
+                + losses.temporal_activation_regularization(raw, beta))
+
+    value, grads = jax.value_and_grad(loss_fn)(params)
+    assert abs(float(value) - loss.item()) < 1e-5
+    chex_close = jax.tree.map(lambda g, e: np.testing.assert_allclose(np.asarray(g), e, atol=1e-4, rtol=0),
+                              grads, expected)
+    assert len(jax.tree.leaves(chex_close, is_leaf=lambda x: x is None)) == len(jax.tree.leaves(grads))
+
+
+CLASSIFIER_CONFIGS = [
+    dict(vocab_size=40, emb_size=7, n_hidden=9, n_layers=2, n_classes=3, bptt=5, max_len=15),
+    dict(vocab_size=33, emb_size=8, n_hidden=12, n_layers=3, n_classes=4, bptt=4, max_len=None, bidirectional=True),
+    dict(vocab_size=29, emb_size=5, n_hidden=11, n_layers=1, n_classes=2, bptt=6, max_len=12, hidden_sizes=(7, 6)),
+]
+
+
+def _classifier_config(spec, drop_mult=1.0):
+    spec = dict(spec)
+    return awd_lstm_clas_config(spec.pop("vocab_size"), spec.pop("n_classes"), drop_mult=drop_mult, **spec)
+
+
+def _padded_batch(config, lengths, seed):
+    rng = np.random.default_rng(seed)
+    # ids 2.. so that no padding id sits inside a document
+    docs = [rng.integers(2, config.encoder.vocab_size, size=n) for n in sorted(lengths, reverse=True)]
+    return pad_input_chunk(docs, config.encoder.pad_token, config.bptt)
+
+
+@pytest.mark.parametrize("spec", CLASSIFIER_CONFIGS, ids=lambda s: f"L{s['n_layers']}-maxlen{s['max_len']}")
+def test_classifier_logits_equal_fastai_on_padded_batches(spec):
+    config = _classifier_config(spec)
+    reference = fastai_classifier(config, seed=3).eval()
+    rng = np.random.default_rng(1)
+    for bn in (m for m in reference.modules() if isinstance(m, torch.nn.BatchNorm1d)):
+        bn.running_mean.copy_(torch.tensor(rng.normal(size=bn.num_features), dtype=torch.float32))
+        bn.running_var.copy_(torch.tensor(rng.uniform(0.5, 2, size=bn.num_features), dtype=torch.float32))
+    imported_config, params, stats = convert.import_classifier(state_dict_numpy(reference))
+    imported_config = dataclasses.replace(imported_config, bptt=config.bptt, max_len=config.max_len)
+    # Lengths chosen to hit fastai's corner cases: whole windows of front padding, remainders at the
+    # end, a row whose last window is all padding, documents longer than max_len.
+    for seed, lengths in enumerate([[23, 17, 9, 4, 1], [12, 12, 10, 6, 5], [7, 3, 2]]):
+        tokens = _padded_batch(config, lengths, seed)
+        with torch.no_grad():
+            expected = reference(torch.tensor(tokens))[0].numpy()
+        logits, _, _ = models.classifier_apply(params, stats, jnp.asarray(tokens), config=imported_config)
+        np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-5, rtol=0)
+
+
+def test_classifier_gradients_equal_torch_autograd():
+    spec = dict(CLASSIFIER_CONFIGS[0])
+    config = _classifier_config(spec, drop_mult=0.0)
+    config = dataclasses.replace(config, head_ps=(0.0, 0.0))
+    reference = fastai_classifier(config, seed=5).train()
+    tokens = _padded_batch(config, [19, 14, 8, 3], seed=4)
+    labels = np.array([0, 2, 1, 2])
+    logits = reference(torch.tensor(tokens))[0]
+    torch.nn.functional.cross_entropy(logits, torch.tensor(labels)).backward()
+    # running statistics after one train step come back through gradient_dict
+    _, expected, expected_stats = convert.import_classifier(gradient_dict(reference), config)
+    _, params, stats = convert.import_classifier(
+        {k: v for k, v in state_dict_numpy(fastai_classifier(config, seed=5)).items()}, config)
+
+    def loss_fn(params):
+        logits, new_stats, _ = models.classifier_apply(params, stats, jnp.asarray(tokens), config=config,
+                                                       train=True, key=jax.random.PRNGKey(0))
+        return losses.cross_entropy(logits, jnp.asarray(labels)), new_stats
+
+    (_, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    # Batch norm over 4 rows makes some gradients large (|g| ~ 6): 1e-4 absolute plus float32's
+    # relative rounding on those.
+    jax.tree.map(lambda g, e: np.testing.assert_allclose(np.asarray(g), e, atol=1e-4, rtol=1e-5), grads, expected)
+    jax.tree.map(lambda s, e: np.testing.assert_allclose(np.asarray(s), e, atol=1e-5, rtol=1e-5),
+                 new_stats, expected_stats)

@@ -1,0 +1,187 @@
+"""The AWD-LSTM encoder (Merity et al. 2018, fastai's `AWD_LSTM`) and BPT3C over long documents.
+
+Parameters (mirroring fastai's state dict; `layer` as in `ulmfit_jax.lstm`, or
+`{"forward": layer, "backward": layer}` when bidirectional):
+
+    {"embed": f32[V, E], "rnn": [layer_0, ..., layer_{L-1}]}
+
+State: one `(h, c)` pair per layer, each f32[B, H_l] with H_l the layer's output width (both
+directions side by side, `[forward, backward]`). Every call takes a state and returns the next, so
+BPTT windows of a stream carry it (fastai's stateful LM); `initial_state` is the reset.
+
+Dropout (train mode, keys split by name at the top, every mask drawn before the scans):
+embedding rows (`embed_p`), locked dropout on the embedded input (`input_p`), DropConnect on each
+layer's `w_hh` (`weight_p`; only the forward direction's, as fastai's WeightDropout wraps
+`weight_hh_l0` alone), locked dropout between layers, not after the last (`hidden_p`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from ulmfit_jax import dropout
+from ulmfit_jax.config import EncoderConfig
+from ulmfit_jax.lstm import init_lstm_params, lstm_layer
+
+LayerState = tuple[jax.Array, jax.Array]
+
+
+def init_encoder(key: jax.Array, config: EncoderConfig) -> dict:
+    """fastai's init: embedding U(-0.1, 0.1), LSTM weights U(-1/sqrt(H), 1/sqrt(H))."""
+    if config.arch == "qrnn":
+        from ulmfit_jax import qrnn
+        return qrnn.init_qrnn_encoder(key, config)
+    embed_key, *layer_keys = jax.random.split(key, config.n_layers + 1)
+    layers = []
+    for layer_key, (n_in, n_out) in zip(layer_keys, config.layer_sizes):
+        width = n_out // config.n_directions
+        if config.bidirectional:
+            forward_key, backward_key = jax.random.split(layer_key)
+            layers.append({"forward": init_lstm_params(forward_key, n_in, width),
+                           "backward": init_lstm_params(backward_key, n_in, width)})
+        else:
+            layers.append(init_lstm_params(layer_key, n_in, width))
+    embed = jax.random.uniform(embed_key, (config.vocab_size, config.emb_size), minval=-0.1, maxval=0.1)
+    return {"embed": embed, "rnn": layers}
+
+
+def initial_state(config: EncoderConfig, batch_size: int) -> list:
+    """Zero state for `batch_size` streams (fastai's `reset`)."""
+    if config.arch == "qrnn":
+        from ulmfit_jax import qrnn
+        return qrnn.initial_qrnn_state(config, batch_size)
+    return [(jnp.zeros((batch_size, n_out)), jnp.zeros((batch_size, n_out)))
+            for _, n_out in config.layer_sizes]
+
+
+def embed_tokens(embed: jax.Array, tokens: jax.Array, *, pad_token: int, embed_p: float,
+                 key: jax.Array | None) -> jax.Array:
+    """tokens: int32[...] -> f32[..., E], with whole-word dropout when `key` is given.
+
+    An id outside [0, V) gives NaN rather than a silently clamped row (check ids on the host
+    with `check_token_ids` for a clear error). The padding row gets no gradient from this lookup,
+    as with PyTorch's `padding_idx`.
+    """
+    vocab_size = embed.shape[0]
+    vectors = jnp.take(embed, tokens, axis=0, mode="fill", fill_value=jnp.nan)
+    if key is not None and embed_p > 0.0:
+        row_mask = dropout.embedding_row_mask(key, vocab_size, embed_p)
+        vectors = vectors * jnp.take(row_mask, tokens, axis=0, mode="fill", fill_value=jnp.nan)
+    is_pad = (tokens == pad_token)[..., None]
+    return jnp.where(is_pad, jax.lax.stop_gradient(vectors), vectors)
+
+
+def check_token_ids(tokens, vocab_size: int) -> None:
+    """Raise a clear error for ids outside [0, vocab_size); run on host data before a step."""
+    import numpy as np
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        bad = np.unique(tokens[(tokens < 0) | (tokens >= vocab_size)])
+        raise ValueError(f"token ids outside the vocabulary [0, {vocab_size}): {bad[:10].tolist()}"
+                         f"{' ...' if bad.size > 10 else ''}")
+
+
+def _lstm_stack_layer(layer_params, x, state, *, config, weight_key, train, compute_dtype):
+    """One (possibly bidirectional) layer. x: f32[T, B, D] -> f32[T, B, H_out]."""
+    weight_p = config.weight_p if train else 0.0
+    run = functools.partial(lstm_layer, unroll=config.unroll, compute_dtype=compute_dtype)
+    if not config.bidirectional:
+        w_hh = dropout.weight_drop(weight_key, layer_params["w_hh"], weight_p)
+        return run(layer_params, x, state, w_hh=w_hh)
+    h, c = state
+    half = h.shape[-1] // 2
+    forward = layer_params["forward"]
+    w_hh = dropout.weight_drop(weight_key, forward["w_hh"], weight_p)
+    out_f, (h_f, c_f) = run(forward, x, (h[:, :half], c[:, :half]), w_hh=w_hh)
+    out_b, (h_b, c_b) = run(layer_params["backward"], x, (h[:, half:], c[:, half:]), reverse=True)
+    return (jnp.concatenate([out_f, out_b], -1),
+            (jnp.concatenate([h_f, h_b], -1), jnp.concatenate([c_f, c_b], -1)))
+
+
+def encoder_apply(params: dict, tokens: jax.Array, state: list, *, config: EncoderConfig,
+                  train: bool = False, key: jax.Array | None = None,
+                  compute_dtype=None) -> tuple[jax.Array, list]:
+    """Run the encoder over one window.
+
+    tokens: int32[B, T]; state: from `initial_state` or a previous call.
+    Returns (outputs f32[B, T, E]: the last layer's output, no dropout after it; new state).
+    `compute_dtype` (e.g. bfloat16) is the dtype of the matmuls' inputs; accumulation, the cell
+    state and the outputs stay float32.
+    """
+    if train and key is None:
+        raise ValueError("train=True needs a PRNG key for the dropout masks")
+    if config.arch == "qrnn":
+        from ulmfit_jax import qrnn
+        layer_fn = qrnn.qrnn_stack_layer
+    else:
+        layer_fn = _lstm_stack_layer
+    if train:
+        embed_key, input_key, hidden_key, weight_key = jax.random.split(key, 4)
+    else:
+        embed_key = input_key = hidden_key = weight_key = None
+
+    x = embed_tokens(params["embed"], tokens.T, pad_token=config.pad_token,
+                     embed_p=config.embed_p, key=embed_key)                     # [T, B, E]
+    x = dropout.locked_dropout(input_key, x, config.input_p, time_axis=0)
+    new_state = []
+    for layer, (layer_params, layer_state) in enumerate(zip(params["rnn"], state)):
+        layer_weight_key = None if weight_key is None else jax.random.fold_in(weight_key, layer)
+        x, layer_state = layer_fn(layer_params, x, layer_state, config=config, weight_key=layer_weight_key,
+                                  train=train, compute_dtype=compute_dtype)
+        new_state.append(layer_state)
+        if layer < config.n_layers - 1 and hidden_key is not None:
+            x = dropout.locked_dropout(jax.random.fold_in(hidden_key, layer), x, config.hidden_p, time_axis=0)
+    return x.transpose(1, 0, 2), new_state
+
+
+def sentence_encoder(params: dict, tokens: jax.Array, *, config: EncoderConfig, bptt: int,
+                     max_len: int | None, train: bool = False, key: jax.Array | None = None,
+                     compute_dtype=None) -> tuple[jax.Array, jax.Array]:
+    """BPT3C (fastai's `SentenceEncoder`): a document batch in windows of `bptt`, state carried.
+
+    tokens: int32[B, S], in fastai's `pad_input_chunk` layout (sorted by length, descending; whole
+    windows of padding at the front, the remainder at the end). Returns (outputs f32[B, S_kept, E],
+    padding mask bool[B, S_kept]) for the last windows, those starting within `max_len` of the end.
+
+    As in fastai: the state starts at zero; window i feeds only the rows `b < real_bs`, where
+    real_bs counts rows whose first token of the window is not padding (other rows get zero
+    outputs and a zero state); each window's state is detached, so gradients flow within the kept
+    windows only, and the windows before them cost no backward pass. Each window draws its own
+    dropout masks, as each fastai module call does.
+    """
+    batch, length = tokens.shape
+    n_full, remainder = divmod(length, bptt)
+    starts = list(range(0, length, bptt))
+    first_kept = 0 if max_len is None else next(w for w, start in enumerate(starts) if length - start <= max_len)
+    full_windows = tokens[:, :n_full * bptt].reshape(batch, n_full, bptt).transpose(1, 0, 2)   # [W, B, bptt]
+
+    def run_window(state, window_and_index):
+        window, index = window_and_index
+        real_bs = jnp.sum(window[:, 0] != config.pad_token)
+        fed = jnp.arange(batch) < real_bs
+        window_key = None if key is None else jax.random.fold_in(key, index)
+        outputs, new_state = encoder_apply(params, window, state, config=config, train=train,
+                                           key=window_key, compute_dtype=compute_dtype)
+        outputs = jnp.where(fed[:, None, None], outputs, 0.0)
+        new_state = jax.tree.map(lambda s: jnp.where(fed[:, None], s, 0.0), new_state)
+        return jax.lax.stop_gradient(new_state), outputs
+
+    state = initial_state(config, batch)
+    if first_kept > 0:
+        dropped = min(first_kept, n_full)
+        state, _ = jax.lax.scan(run_window, state, (full_windows[:dropped], jnp.arange(dropped)))
+        state = jax.lax.stop_gradient(state)
+    outputs = []
+    if n_full > first_kept:
+        state, kept = jax.lax.scan(run_window, state, (full_windows[first_kept:], jnp.arange(first_kept, n_full)))
+        outputs.append(kept.transpose(1, 0, 2, 3).reshape(batch, -1, config.emb_size))
+    if remainder:
+        # The last, shorter window runs on its own: padding it to full length would change the
+        # outputs of a bidirectional layer's backward direction.
+        _, last = run_window(state, (tokens[:, n_full * bptt:], n_full))
+        outputs.append(last)
+    outputs = jnp.concatenate(outputs, axis=1)
+    return outputs, tokens[:, starts[first_kept]:] == config.pad_token
