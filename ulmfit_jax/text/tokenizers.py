@@ -133,10 +133,16 @@ class FastWordTokenizer:
                 self._matcher_patterns[pattern] = string
         self._pattern_lengths = sorted({len(pattern) for pattern in self._matcher_patterns})
         self._pattern_first_tokens = {pattern[0] for pattern in self._matcher_patterns}
+        self._pattern_changes_tokens = {
+            pattern: self._special_cases[string] != pattern for pattern, string in self._matcher_patterns.items()}
+        self._pattern_earlier_tokens = {token for pattern in self._matcher_patterns for token in pattern[:-1]}
+        self._pattern_later_tokens = {token for pattern in self._matcher_patterns for token in pattern[1:]}
         self._cache = _ChunkTokens(self._tokenize_chunk)
+        self._chunks_with_matches: set[str] = set()
 
     def clear_cache(self) -> None:
         self._cache = _ChunkTokens(self._tokenize_chunk)
+        self._chunks_with_matches = set()
 
     def _prefix_length(self, string: str) -> int:
         match = self._prefix_search(string)
@@ -206,21 +212,24 @@ class FastWordTokenizer:
         tokens.extend(reversed(suffixes))
         return tokens
 
-    def _apply_special_matcher(self, tokens: list[str]) -> list[str]:
-        """spaCy's `_apply_special_cases` restricted to one chunk: find pattern matches, keep the longest
-        (ties: leftmost) whose first and last tokens are not yet taken, replace each by its special case."""
-        if len(tokens) < 2 and tokens and tokens[0] not in self._pattern_first_tokens:
-            return tokens
+    def _find_matches(self, tokens: Sequence[str]) -> list[tuple[int, int]]:
+        """Spans (start, end) of `tokens` equal to a matcher pattern, kept as spaCy's `_filter_special_spans`
+        keeps them: longest first (ties: leftmost), skipping a span whose first or last token is taken
+        (every span considered, kept or not, takes its tokens). Sets `self._last_match_changes`: whether
+        any span found (kept or not) has a special case that differs from its tokens."""
         matches = []
-        for start in range(len(tokens)):
-            if tokens[start] not in self._pattern_first_tokens:
+        first_tokens = self._pattern_first_tokens
+        for start, token in enumerate(tokens):
+            if token not in first_tokens:
                 continue
             for length in self._pattern_lengths:
                 key = tuple(tokens[start:start + length])
                 if len(key) == length and key in self._matcher_patterns:
                     matches.append((start, start + length))
+        self._last_match_changes = any(
+            self._pattern_changes_tokens[tuple(tokens[start:end])] for start, end in matches)
         if not matches:
-            return tokens
+            return matches
         matches.sort(key=lambda span: (-(span[1] - span[0]), span[0]))
         taken: set[int] = set()
         kept = []
@@ -229,18 +238,32 @@ class FastWordTokenizer:
                 kept.append((start, end))
             taken.update(range(start, end))
         kept.sort()
+        return kept
+
+    def _replace_matches(self, tokens: list[str], kept: list[tuple[int, int]],
+                         span_text: Callable[[int, int], str]) -> list[str]:
+        """spaCy's `_retokenize_special_spans`: a kept span whose text is a special case becomes its tokens."""
         result: list[str] = []
         position = 0
         for start, end in kept:
             result.extend(tokens[position:start])
-            text = "".join(tokens[start:end])
-            result.extend(self._special_cases.get(text, tokens[start:end]))
+            result.extend(self._special_cases.get(span_text(start, end), tokens[start:end]))
             position = end
         result.extend(tokens[position:])
         return result
 
     def _tokenize_chunk(self, chunk: str) -> tuple[str, ...]:
-        tokens = self._apply_special_matcher(self._tokenize_span(chunk, with_special_cases=True))
+        tokens = self._tokenize_span(chunk, with_special_cases=True)
+        if tokens[0] in self._pattern_first_tokens or len(tokens) > 1:
+            kept = self._find_matches(tokens)
+            if kept:
+                # spaCy matches over the whole document: a span across chunks (a no-op itself, its text has
+                # a space) can block a match here if it covers this chunk's first or last token. Documents
+                # with such a chunk take the exact document-level path (`__call__`).
+                if self._last_match_changes and (tokens[0] in self._pattern_later_tokens
+                                                 or tokens[-1] in self._pattern_earlier_tokens):
+                    self._chunks_with_matches.add(chunk)
+                tokens = self._replace_matches(tokens, kept, lambda start, end: "".join(tokens[start:end]))
         for rule in self._post_rules:
             tokens = [rule(token) for token in tokens]
         return tuple(tokens)
@@ -255,8 +278,39 @@ class FastWordTokenizer:
             pieces[1] = leading_whitespace
         return pieces
 
+    def _tokenize_document_exactly(self, text: str) -> list[str]:
+        """Slow path, exactly spaCy: affix rules per chunk, then the special-case matcher over the whole
+        document, where a span's text is the original text it covers (so a span across a space is no
+        special case, but still blocks overlapping spans)."""
+        tokens: list[str] = []
+        starts: list[int] = []
+        ends: list[int] = []
+        position = 0
+        pieces = _WHITESPACE_SPLIT.split(text)
+        for index, piece in enumerate(pieces):
+            chunk, offset = piece, position
+            is_leading_whitespace = index == 1 and pieces[0] == ''
+            if index % 2 == 1 and not is_leading_whitespace and piece[0] == ' ':
+                chunk, offset = piece[1:], position + 1  # the space spaCy attaches to the previous token
+            position += len(piece)
+            for token in (self._tokenize_span(chunk, with_special_cases=True) if chunk else ()):
+                tokens.append(token)
+                starts.append(offset)
+                ends.append(offset + len(token))
+                offset += len(token)
+        kept = self._find_matches(tokens)
+        if kept:
+            tokens = self._replace_matches(tokens, kept, lambda start, end: text[starts[start]:ends[end - 1]])
+        for rule in self._post_rules:
+            tokens = [rule(token) for token in tokens]
+        return tokens
+
     def __call__(self, text: str) -> list[str]:
-        return list(itertools.chain.from_iterable(map(self._cache.__getitem__, self.split_chunks(text))))
+        pieces = self.split_chunks(text)
+        tokens = list(itertools.chain.from_iterable(map(self._cache.__getitem__, pieces)))
+        if self._chunks_with_matches and not self._chunks_with_matches.isdisjoint(pieces):
+            return self._tokenize_document_exactly(text)
+        return tokens
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -307,7 +361,8 @@ def train_sentencepiece(processed_texts: Sequence[str], model_prefix: str, vocab
                         model_type: str = "unigram") -> str:
     """Train a SentencePiece model with fastai's settings on rule-processed texts; returns the model path.
 
-    Newlines inside a document are written as spaces: the trainer reads one sentence a line.
+    The training file holds the texts one after another, each followed by a newline, as fastai writes it
+    (the trainer reads one sentence a line, so a text with newlines gives several sentences).
     """
     import sentencepiece
 
@@ -316,7 +371,7 @@ def train_sentencepiece(processed_texts: Sequence[str], model_prefix: str, vocab
     special_pieces = ["\u2581" + token for token in text_rules.SPECIAL_TOKENS]
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as handle:
         for text in processed_texts:
-            handle.write(text.replace("\n", " ") + "\n")
+            handle.write(f"{text}\n")
         input_path = handle.name
     try:
         sentencepiece.SentencePieceTrainer.Train(
