@@ -150,3 +150,88 @@ def test_classifier_gradients_equal_torch_autograd():
     jax.tree.map(lambda g, e: np.testing.assert_allclose(np.asarray(g), e, atol=1e-4, rtol=1e-5), grads, expected)
     jax.tree.map(lambda s, e: np.testing.assert_allclose(np.asarray(s), e, atol=1e-5, rtol=1e-5),
                  new_stats, expected_stats)
+
+
+def test_export_then_fastai_gives_the_same_logits(tmp_path):
+    config = _lm_config(LM_CONFIGS[1])
+    source = fastai_language_model(config, seed=11).eval()
+    _, params = convert.import_language_model(state_dict_numpy(source))
+    convert.write_state_dict(convert.export_language_model(params, config), tmp_path / "lm.pth")
+    target = fastai_language_model(config, seed=99).eval()
+    target.load_state_dict(torch.load(tmp_path / "lm.pth", weights_only=True), strict=True)
+    tokens = torch.tensor(np.random.default_rng(0).integers(0, config.encoder.vocab_size, size=(2, 9)))
+    source.reset(), target.reset()
+    with torch.no_grad():
+        np.testing.assert_array_equal(target(tokens)[0].numpy(), source(tokens)[0].numpy())
+
+    clas_config = _classifier_config(CLASSIFIER_CONFIGS[0])
+    source = fastai_classifier(clas_config, seed=12).eval()
+    _, params, stats = convert.import_classifier(state_dict_numpy(source))
+    target = fastai_classifier(clas_config, seed=98).eval()
+    exported = convert.export_classifier(params, stats, clas_config)
+    target.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in exported.items()}, strict=True)
+    tokens = torch.tensor(_padded_batch(clas_config, [11, 4], seed=2))
+    with torch.no_grad():
+        np.testing.assert_array_equal(target(tokens)[0].numpy(), source(tokens)[0].numpy())
+
+
+def _as_v1(state_dict):
+    """fastai v1's WeightDropout also keeps the dropped copy, `module.weight_hh_l0`, in the state dict."""
+    out = dict(state_dict)
+    for key in list(state_dict):
+        if key.endswith("weight_hh_l0_raw"):
+            out[key.replace("weight_hh_l0_raw", "module.weight_hh_l0")] = state_dict[key]
+    return out
+
+
+def _as_fastai_07(state_dict):
+    """fastai 0.7's RNN_Encoder keys; its decoder has no bias."""
+    renamed = {}
+    for key, value in state_dict.items():
+        key = key.replace("encoder_dp.emb", "encoder_with_dropout.embed")
+        key = key.replace(".weight_hh_l0_raw", ".module.weight_hh_l0_raw")
+        if key != "1.decoder.bias":
+            renamed[key] = value
+    return renamed
+
+
+def test_fastai_v1_and_07_state_dicts_import_to_the_same_model():
+    config = _lm_config(LM_CONFIGS[2])
+    state_dict = state_dict_numpy(fastai_language_model(config, seed=1))
+    assert convert.detect_format(state_dict) == ("v2", "language_model")
+    _, v2 = convert.import_language_model(state_dict)
+    v1_config, v1 = convert.import_language_model(_as_v1(state_dict))
+    assert convert.detect_format(_as_v1(state_dict))[0] == "v1"
+    jax.tree.map(np.testing.assert_array_equal, v1, v2)
+    old_config, old = convert.import_language_model(_as_fastai_07(state_dict))
+    assert convert.detect_format(_as_fastai_07(state_dict))[0] == "0.7"
+    assert not old_config.out_bias and "bias" not in old["decoder"]
+    jax.tree.map(np.testing.assert_array_equal, old["encoder"], v2["encoder"])
+
+
+def test_mismatched_shapes_and_keys_are_named():
+    config = _lm_config(dict(vocab_size=30, emb_size=8, n_hidden=12, n_layers=2))
+    state_dict = state_dict_numpy(fastai_language_model(config))
+    other = dataclasses.replace(config, encoder=dataclasses.replace(config.encoder, n_hidden=14))
+    with pytest.raises(convert.WeightsError, match=r"'0\.rnns\.0\.module\.weight_ih_l0' has shape \(48, 8\), "
+                                                   r"the model needs \(56, 8\)"):
+        convert.import_language_model(state_dict, other)
+    with pytest.raises(convert.WeightsError, match=r"unknown keys: \['0\.rnns\.0\.extra'\]"):
+        convert.import_language_model(dict(state_dict, **{"0.rnns.0.extra": np.zeros(1)}), config)
+    missing = {k: v for k, v in state_dict.items() if k != "0.rnns.1.module.bias_hh_l0"}
+    with pytest.raises(convert.WeightsError, match=r"missing keys: \['0\.rnns\.1\.module\.bias_hh_l0'\]"):
+        convert.import_language_model(missing, config)
+    with pytest.raises(convert.WeightsError, match="not a fastai AWD-LSTM state dict"):
+        convert.import_language_model({"weight": np.zeros(3)})
+
+
+def test_match_embeddings_as_fastai():
+    from fastai.text.learner import match_embeds
+    config = _lm_config(dict(vocab_size=6, emb_size=4, n_hidden=5, n_layers=1))
+    state_dict = state_dict_numpy(fastai_language_model(config))
+    old_vocab, new_vocab = ["xxunk", "xxpad", "a", "b", "c", "d"], ["xxunk", "xxpad", "c", "zz", "a", "yy", "b"]
+    expected = match_embeds({k: torch.from_numpy(v) for k, v in state_dict.items()}, old_vocab, new_vocab)
+    _, params = convert.import_language_model(state_dict)
+    moved = convert.match_embeddings(params, old_vocab, new_vocab)
+    np.testing.assert_allclose(moved["encoder"]["embed"], expected["0.encoder.weight"].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(moved["decoder"]["bias"], expected["1.decoder.bias"].numpy(), rtol=1e-6)

@@ -31,6 +31,9 @@ class EncoderConfig:
     weight_p: float = 0.2    # DropConnect on each layer's hidden-to-hidden weight
     arch: str = "lstm"       # "lstm" or "qrnn"
     unroll: int = 1          # lax.scan unroll; 1 is fastest on CPU
+    zoneout: float = 0.0     # QRNN: zoneout on the forget gate, fastai's semantics (ulmfit_jax.qrnn)
+    save_prev_x: bool = True  # QRNN: carry layer 0's last input across windows (not with bidirectional)
+    forget_mult: str = "scan"  # QRNN: "scan" (custom VJP, default) or "associative" (lax.associative_scan)
 
     def __post_init__(self):
         if self.vocab_size < 1 or self.emb_size < 1 or self.n_hidden < 1 or self.n_layers < 1:
@@ -41,6 +44,13 @@ class EncoderConfig:
             p = getattr(self, name)
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {p}")
+        if not 0.0 <= self.zoneout < 1.0:
+            raise ValueError(f"zoneout must be in [0, 1), got {self.zoneout}")
+        if self.forget_mult not in ("scan", "associative"):
+            raise ValueError(f"forget_mult must be 'scan' or 'associative', got {self.forget_mult!r}")
+        if self.arch == "qrnn" and self.bidirectional and self.save_prev_x:
+            raise ValueError("a bidirectional QRNN cannot save the previous input (fastai's QRNN asserts the same): "
+                             "pass save_prev_x=False")
         if self.bidirectional:
             for l in range(self.n_layers):
                 if self.layer_sizes[l][1] % 2:
@@ -137,3 +147,56 @@ def awd_lstm_clas_config(vocab_size: int, n_classes: int, drop_mult: float = 1.0
     head_ps = overrides.pop("head_ps", (probs["output_p"],) + (0.1,) * len(hidden_sizes))
     encoder = EncoderConfig(vocab_size=vocab_size, **{k: probs[k] for k in _ENCODER_DROPOUTS}, **overrides)
     return ClassifierConfig(encoder=encoder, n_classes=n_classes, head_ps=tuple(head_ps), **clas_fields)
+
+
+# ----------------------------------------------------------------------------------------------
+# QRNN presets (ulmfit_jax.qrnn)
+
+def awd_qrnn_lm_config(vocab_size: int, drop_mult: float = 1.0, **overrides) -> LanguageModelConfig:
+    """fastai's `awd_qrnn_lm_config` (fastai 2.0-2.3, before the QRNN was removed in 2.4): an
+    AWD-QRNN with emb 400, hidden 1552, 4 layers and the LSTM LM's dropouts, times `drop_mult`.
+
+    fastai 1.0.61 has no separate QRNN preset: there a QRNN LM is `awd_lstm_lm_config` with
+    `qrnn=True` (400/1152/3), here `awd_lstm_lm_config(vocab_size, arch="qrnn")`. Either way layer 0
+    has window 2 and saves its last input across windows, and weight drop acts on each layer's
+    gate projection.
+    """
+    return awd_lstm_lm_config(vocab_size, drop_mult, **{"arch": "qrnn", "n_hidden": 1552, "n_layers": 4, **overrides})
+
+
+def awd_qrnn_clas_config(vocab_size: int, n_classes: int, drop_mult: float = 1.0,
+                         **overrides) -> ClassifierConfig:
+    """fastai's `awd_qrnn_clas_config` (fastai 2.0-2.3): emb 400, hidden 1552, 4 layers, the LSTM
+    classifier's dropouts, times `drop_mult` (fastai 1.0.61: `awd_lstm_clas_config` with `qrnn=True`)."""
+    return awd_lstm_clas_config(vocab_size, n_classes, drop_mult,
+                                **{"arch": "qrnn", "n_hidden": 1552, "n_layers": 4, **overrides})
+
+
+# n-waves/multifit multifit/configurations.py, `multifit_paper_version`
+_MULTIFIT_DROPOUTS = dict(output_p=0.25, hidden_p=0.1, input_p=0.2, embed_p=0.02, weight_p=0.15)
+_MULTIFIT_ARCH = dict(arch="qrnn", emb_size=400, n_hidden=1550, n_layers=4)
+
+
+def multifit_lm_config(vocab_size: int = 15_000, drop_mult: float = 1.0, **overrides) -> LanguageModelConfig:
+    """MultiFiT's language model (Eisenschlos et al. 2019, `multifit_paper_version`): a 4-layer
+    AWD-QRNN, emb 400, hidden 1550, dropouts output 0.25, hidden 0.1, input 0.2, embed 0.02,
+    weight 0.15, times `drop_mult`, over a SentencePiece vocabulary of 15k pieces.
+
+    MultiFiT's drop_mult: 0.0 for pretraining, 0.3 for LM fine-tuning. Its training settings (not
+    part of the model): Adam betas (0.8, 0.99), clip 0.12, 1cycle; pretraining 10 epochs lr 5e-3
+    bs 50 bptt 70 wd 1e-7; fine-tuning 20 epochs lr 1e-3 bs 20.
+    """
+    probs = _scaled(_MULTIFIT_DROPOUTS, drop_mult, overrides)
+    return awd_lstm_lm_config(vocab_size, 1.0, **{**probs, **_MULTIFIT_ARCH, **overrides})
+
+
+def multifit_clas_config(vocab_size: int, n_classes: int, drop_mult: float = 1.0,
+                         **overrides) -> ClassifierConfig:
+    """MultiFiT's classifier: the MultiFiT encoder (see `multifit_lm_config`) with fastai's pooling
+    head, the same dropouts times `drop_mult` (MultiFiT fine-tunes the classifier with 0.5).
+
+    Label smoothing 0.1 is a training setting, not a model one: MultiFiT trains the classifier with
+    `cross_entropy(..., label_smoothing=0.1)` (ulmfit_jax.losses), 8 epochs, bs 18, 1cycle.
+    """
+    probs = _scaled(_MULTIFIT_DROPOUTS, drop_mult, overrides)
+    return awd_lstm_clas_config(vocab_size, n_classes, 1.0, **{**probs, **_MULTIFIT_ARCH, **overrides})

@@ -45,6 +45,16 @@ def write_state_dict(state_dict: dict[str, np.ndarray], path) -> None:
     torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}, path)
 
 
+def write_vocab_pickle(vocab: list[str], path) -> None:
+    """fastai's vocabulary file (`itos.pkl`): a pickled list of strings, the format fastai reads.
+    Read it back with `ulmfit_jax.text.vocab.load_vocab_pickle`, which accepts nothing else."""
+    import pickle
+    if not all(isinstance(token, str) for token in vocab):
+        raise ValueError("a vocabulary is a list of strings")
+    with open(path, "wb") as handle:
+        pickle.dump(list(vocab), handle, protocol=2)
+
+
 # ----------------------------------------------------------------------------------------------
 # Key layouts
 

@@ -1,0 +1,78 @@
+#!/usr/bin/env python
+"""Convert fastai AWD-LSTM weights to a ulmfit_jax model directory and back.
+
+  python scripts/convert_fastai.py import --weights W.pth --vocab itos.pkl --out DIR
+  python scripts/convert_fastai.py export --model DIR --weights W.pth --vocab itos.pkl
+
+Import reads fastai v2, v1 and 0.7 state dicts (language model or classifier; the config comes
+from the shapes) and fastai's vocabulary pickle (read by a restricted unpickler that accepts only
+a list of strings). Export writes a fastai v2 state dict and vocabulary pickle. The last stdout
+line is JSON.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ulmfit_jax import checkpoint, convert  # noqa: E402
+from ulmfit_jax.config import LanguageModelConfig  # noqa: E402
+
+
+def import_weights(args) -> dict:
+    from ulmfit_jax.text.vocab import load_vocab_pickle
+    state_dict = convert.read_state_dict(args.weights)
+    _, kind = convert.detect_format(state_dict)
+    vocab = load_vocab_pickle(args.vocab)
+    if kind == "language_model":
+        config, params = convert.import_language_model(state_dict)
+        batch_stats = None
+    else:
+        config, params, batch_stats = convert.import_classifier(state_dict)
+    if len(vocab) != config.encoder.vocab_size:
+        raise SystemExit(f"error: {args.vocab} has {len(vocab)} tokens but the weights' embedding has "
+                         f"{config.encoder.vocab_size} rows")
+    checkpoint.save_model(args.out, config, params, vocab, batch_stats=batch_stats)
+    version, _ = convert.detect_format(state_dict)
+    return {"kind": kind, "fastai_version": version, "vocab": len(vocab), "out": str(args.out),
+            "emb_size": config.encoder.emb_size, "n_hidden": config.encoder.n_hidden,
+            "n_layers": config.encoder.n_layers, "bidirectional": config.encoder.bidirectional}
+
+
+def export_weights(args) -> dict:
+    model = checkpoint.load_model(args.model)
+    config = model["config"]
+    if isinstance(config, LanguageModelConfig):
+        state_dict = convert.export_language_model(model["params"], config)
+        kind = "language_model"
+    else:
+        state_dict = convert.export_classifier(model["params"], model["batch_stats"], config)
+        kind = "classifier"
+    convert.write_state_dict(state_dict, args.weights)
+    convert.write_vocab_pickle(model["vocab"], args.vocab)
+    return {"kind": kind, "weights": str(args.weights), "vocab": len(model["vocab"])}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    to_ours = commands.add_parser("import", help="fastai .pth + vocab pickle -> ulmfit_jax model directory")
+    to_ours.add_argument("--weights", type=Path, required=True, help="fastai state dict (.pth)")
+    to_ours.add_argument("--vocab", type=Path, required=True, help="fastai vocabulary pickle (itos)")
+    to_ours.add_argument("--out", type=Path, required=True, help="model directory to write")
+    to_fastai = commands.add_parser("export", help="ulmfit_jax model directory -> fastai v2 .pth + vocab pickle")
+    to_fastai.add_argument("--model", type=Path, required=True, help="ulmfit_jax model directory")
+    to_fastai.add_argument("--weights", type=Path, required=True, help="fastai state dict to write (.pth)")
+    to_fastai.add_argument("--vocab", type=Path, required=True, help="vocabulary pickle to write")
+    args = parser.parse_args(argv)
+    try:
+        result = import_weights(args) if args.command == "import" else export_weights(args)
+    except (convert.WeightsError, ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
