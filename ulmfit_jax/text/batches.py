@@ -1,0 +1,311 @@
+"""Batches with fixed shapes: language-model streams (fastai's `LMDataLoader` layout) and classifier batches
+(fastai's `SortedDL` order and `pad_input_chunk` padding, with lengths bucketed to a small set of shapes).
+
+Language model (`lm_batches`). The documents of an epoch (shuffled per epoch for training) are concatenated
+into one stream of `n` tokens. As in fastai 2.8.12: `corpus = round_down(n - 1, batch_size)`,
+`row_length = corpus // batch_size`; row `j` of every batch reads the stream from `j * row_length`, and
+batch `k` holds columns `[k * seq_len, (k + 1) * seq_len)` of every row, so each batch continues the previous
+one row by row and the recurrent state can be carried. Targets are the stream shifted by one. fastai's last
+batch is shorter (`row_length % seq_len` columns); here it is padded with `pad_id` up to the batch's window
+length and `mask` is 0 there, so every batch has shape `(batch_size, window)` and the last one costs no
+recompile. With `seq_len_choices` each window length is drawn from that small set (variable BPTT: one compile
+per distinct length; scale the learning rate by `window / seq_len` as AWD-LSTM does). `backwards=True`
+reverses every document (fastai's `reverse_text`), so the stream of reversed documents in reversed order is
+exactly the reversed forward stream.
+
+Classifier (`classifier_batches`). Order: validation sorted by length, longest first (stable); training as
+fastai's `SortedDL.shuffle_fn`: a permutation with the longest document moved first, chunks of
+`50 * batch_size` sorted by length (descending), batches of the result shuffled except the first and the last.
+Padding: fastai's `pad_chunk` (pad_first): whole `seq_len` chunks of `pad_id` in front, the remainder after
+the text. `bucket_multiple=None` pads to the longest document of each batch exactly as fastai's
+`pad_input_chunk` (its shapes vary per batch); by default the padded length is rounded up to a multiple of
+`seq_len` (at most `max_len // seq_len` + 1 shapes when `max_len` truncates). Rounding up only adds whole pad
+chunks in front, but it changes fastai's trailing pad: with a multiple of `seq_len` every document gets
+`(-length) % seq_len` trailing pads whatever its batch (fastai's depends on the batch maximum); `lengths` and
+`token_mask` give the model what it needs to ignore padding. The last batch is filled to `batch_size` with
+empty rows (`row_mask` False, length 0) so the batch dimension never changes either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ulmfit_jax.text.rules import PAD_ID
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Language model
+
+@dataclasses.dataclass(frozen=True)
+class LMBatchSettings:
+    """batch_size streams, windows of seq_len tokens (or lengths drawn from seq_len_choices with
+    seq_len_probabilities); shuffle documents each epoch; backwards reverses every document."""
+
+    batch_size: int = 64
+    seq_len: int = 72
+    shuffle: bool = True
+    backwards: bool = False
+    seq_len_choices: tuple[int, ...] = ()
+    seq_len_probabilities: tuple[float, ...] = ()
+    pad_id: int = PAD_ID
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.seq_len < 1:
+            raise ValueError(f"batch_size and seq_len must be positive: {self}")
+        if len(self.seq_len_choices) != len(self.seq_len_probabilities):
+            raise ValueError("seq_len_choices and seq_len_probabilities must have the same length")
+        if self.seq_len_choices and (min(self.seq_len_choices) < 1
+                                     or abs(sum(self.seq_len_probabilities) - 1.0) > 1e-6):
+            raise ValueError("seq_len_choices must be positive and their probabilities must sum to 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class LMBatch:
+    """inputs, targets: int32 (batch_size, window); mask: float32 (batch_size, window), 1 on real tokens,
+    0 on the padding of the last window; length: real columns (fastai's seq_len for this batch)."""
+
+    inputs: np.ndarray
+    targets: np.ndarray
+    mask: np.ndarray
+    length: int
+
+
+def concatenate_documents(documents: Sequence[np.ndarray], order: Sequence[int] | None = None,
+                          backwards: bool = False) -> np.ndarray:
+    """The LM stream: documents in `order` (default: as given), each reversed if `backwards`; int32 (n,)."""
+    if order is not None:
+        documents = [documents[i] for i in order]
+    if not len(documents):
+        return np.zeros(0, dtype=np.int32)
+    if backwards:
+        documents = [np.asarray(document)[::-1] for document in documents]
+    return np.concatenate([np.asarray(document, dtype=np.int32) for document in documents])
+
+
+def lm_layout(n_tokens: int, batch_size: int, seq_len: int) -> tuple[int, int, int]:
+    """fastai's LMDataLoader arithmetic: (row_length, n_batches, last_len) for a stream of n_tokens."""
+    corpus = ((n_tokens - 1) // batch_size) * batch_size  # the -1 leaves room for the last target
+    row_length = corpus // batch_size
+    if row_length < 1:
+        raise ValueError(f"a stream of {n_tokens} tokens is too short for batch_size {batch_size}: "
+                         f"need at least {batch_size + 1} tokens")
+    n_batches = row_length // seq_len + int(row_length % seq_len != 0)
+    last_len = row_length - (n_batches - 1) * seq_len
+    return row_length, n_batches, last_len
+
+
+def draw_window_lengths(row_length: int, settings: LMBatchSettings,
+                        rng: np.random.Generator | None = None) -> list[int]:
+    """Window lengths covering `row_length` columns: all `seq_len` (fastai), or drawn from the choices."""
+    if not settings.seq_len_choices:
+        return [settings.seq_len] * (-(-row_length // settings.seq_len))
+    if rng is None:
+        raise ValueError("variable window lengths need an rng")
+    lengths, covered = [], 0
+    while covered < row_length:
+        length = int(rng.choice(settings.seq_len_choices, p=settings.seq_len_probabilities))
+        lengths.append(length)
+        covered += length
+    return lengths
+
+
+def lm_batches(stream: np.ndarray, settings: LMBatchSettings,
+               window_lengths: Sequence[int] | None = None) -> Iterator[LMBatch]:
+    """Batches of one epoch over a stream (see the module docstring). `window_lengths` defaults to fixed
+    `settings.seq_len` windows; each batch has shape (batch_size, its window length)."""
+    stream = np.asarray(stream, dtype=np.int32)
+    batch_size = settings.batch_size
+    row_length, _, _ = lm_layout(len(stream), batch_size, settings.seq_len)
+    inputs_all = stream[:batch_size * row_length].reshape(batch_size, row_length)
+    targets_all = stream[1:batch_size * row_length + 1].reshape(batch_size, row_length)
+    if window_lengths is None:
+        window_lengths = draw_window_lengths(row_length, settings)
+    start = 0
+    for window in window_lengths:
+        if start >= row_length:
+            break
+        real = min(window, row_length - start)
+        inputs = np.full((batch_size, window), settings.pad_id, dtype=np.int32)
+        targets = np.full((batch_size, window), settings.pad_id, dtype=np.int32)
+        mask = np.zeros((batch_size, window), dtype=np.float32)
+        inputs[:, :real] = inputs_all[:, start:start + real]
+        targets[:, :real] = targets_all[:, start:start + real]
+        mask[:, :real] = 1.0
+        yield LMBatch(inputs, targets, mask, real)
+        start += real
+
+
+def lm_epoch(documents: Sequence[np.ndarray], settings: LMBatchSettings,
+             rng: np.random.Generator | None = None) -> Iterator[LMBatch]:
+    """One epoch of LM batches: shuffle the documents (if `settings.shuffle`; needs `rng`), concatenate, batch."""
+    order = None
+    if settings.shuffle:
+        if rng is None:
+            raise ValueError("shuffle=True needs an rng (np.random.default_rng(seed))")
+        order = rng.permutation(len(documents))
+    stream = concatenate_documents(documents, order, settings.backwards)
+    row_length, _, _ = lm_layout(len(stream), settings.batch_size, settings.seq_len)
+    return lm_batches(stream, settings, draw_window_lengths(row_length, settings, rng))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Classifier
+
+def pad_chunk(sequence: np.ndarray, pad_len: int, pad_id: int = PAD_ID, pad_first: bool = True,
+              seq_len: int = 72) -> np.ndarray:
+    """fastai's `pad_chunk`: (pad_len,) with whole seq_len chunks of padding and the remainder after the text
+    (pad_first) or all padding after the text."""
+    sequence = np.asarray(sequence)
+    missing = pad_len - len(sequence)
+    if missing < 0:
+        raise ValueError(f"sequence of length {len(sequence)} is longer than pad_len {pad_len}")
+    chunk_pad = np.full((missing // seq_len) * seq_len, pad_id, dtype=sequence.dtype)
+    rest_pad = np.full(missing % seq_len, pad_id, dtype=sequence.dtype)
+    parts = [chunk_pad, sequence, rest_pad] if pad_first else [sequence, chunk_pad, rest_pad]
+    return np.concatenate(parts)
+
+
+def pad_input_chunk(sequences: Sequence[np.ndarray], pad_id: int = PAD_ID, pad_first: bool = True,
+                    seq_len: int = 72, pad_len: int | None = None) -> np.ndarray:
+    """fastai's `pad_input_chunk` on token sequences: (n, pad_len), pad_len defaulting to the longest."""
+    if pad_len is None:
+        pad_len = max(len(sequence) for sequence in sequences)
+    return np.stack([pad_chunk(s, pad_len, pad_id, pad_first, seq_len) for s in sequences])
+
+
+def truncate(sequence: np.ndarray, max_len: int | None, keep: str = "first") -> np.ndarray:
+    """At most max_len tokens: the first ones (keep='first') or the last ones (keep='last')."""
+    if max_len is None or len(sequence) <= max_len:
+        return sequence
+    return sequence[:max_len] if keep == "first" else sequence[len(sequence) - max_len:]
+
+
+def sorted_order(lengths: Sequence[int]) -> np.ndarray:
+    """Validation order of fastai's SortedDL: by length, longest first, ties in input order."""
+    return np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+
+
+def shuffled_sorted_order(lengths: Sequence[int], batch_size: int, rng: np.random.RandomState) -> np.ndarray:
+    """Training order of fastai's `SortedDL.shuffle_fn`, drawing from `rng` exactly as fastai draws from
+    `np.random` (so the same seed gives fastai's order)."""
+    lengths = np.asarray(lengths)
+    n = len(lengths)
+    index_of_longest = int(np.argmax(lengths))
+    order = rng.permutation(n)
+    where_longest = np.where(order == index_of_longest)[0][0]
+    order[0], order[where_longest] = order[where_longest], order[0]
+    size = batch_size * 50
+    chunks = [order[i:i + size] for i in range(0, n, size)]
+    chunks = [sorted(chunk, key=lambda i: lengths[i], reverse=True) for chunk in chunks]
+    sorted_index = np.concatenate(chunks)
+    batches = [sorted_index[i:i + batch_size] for i in range(0, len(sorted_index), batch_size)]
+    middle = (np.concatenate(rng.permutation(batches[1:-1])) if len(batches) > 2
+              else np.array([], dtype=int))
+    if len(batches) == 1:
+        return np.asarray(batches[0])
+    return np.concatenate((batches[0], middle, batches[-1])).astype(np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierBatchSettings:
+    """batch_size documents a batch; pad in seq_len chunks (fastai's Pad_Chunk); max_len truncates each
+    document (None: no truncation) keeping its first or last tokens; bucket_multiple rounds the padded
+    length up (None: fastai's exact per-batch maximum, any shape)."""
+
+    batch_size: int = 64
+    seq_len: int = 72
+    max_len: int | None = 72 * 20
+    keep: str = "first"
+    bucket_multiple: int | None = 72
+    pad_id: int = PAD_ID
+    pad_first: bool = True
+    backwards: bool = False
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.seq_len < 1:
+            raise ValueError(f"batch_size and seq_len must be positive: {self}")
+        if self.keep not in ("first", "last"):
+            raise ValueError(f"keep must be 'first' or 'last', got {self.keep!r}")
+        if self.max_len is not None and self.max_len < 1:
+            raise ValueError("max_len must be positive or None")
+        if self.bucket_multiple is not None and self.bucket_multiple < 1:
+            raise ValueError("bucket_multiple must be positive or None")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierBatch:
+    """tokens: int32 (batch_size, padded_len); labels: int32 (batch_size,) (0 on empty rows);
+    lengths: int32 (batch_size,) real tokens a row; token_mask: bool (batch_size, padded_len);
+    row_mask: bool (batch_size,), False on the rows that only fill the last batch; indices: int64
+    (batch_size,) document index a row, -1 on filling rows."""
+
+    tokens: np.ndarray
+    labels: np.ndarray
+    lengths: np.ndarray
+    token_mask: np.ndarray
+    row_mask: np.ndarray
+    indices: np.ndarray
+
+
+def padded_length(longest: int, settings: ClassifierBatchSettings) -> int:
+    if settings.bucket_multiple is None:
+        return max(longest, 1)
+    multiple = settings.bucket_multiple
+    return max(-(-longest // multiple) * multiple, multiple)
+
+
+def possible_shapes(settings: ClassifierBatchSettings) -> list[tuple[int, int]] | None:
+    """Every batch shape when both max_len and bucket_multiple are set (None when unbounded)."""
+    if settings.max_len is None or settings.bucket_multiple is None:
+        return None
+    return sorted({(settings.batch_size, padded_length(n, settings)) for n in range(1, settings.max_len + 1)})
+
+
+def classifier_batches(documents: Sequence[np.ndarray], labels: Sequence[int] | None,
+                       settings: ClassifierBatchSettings, train: bool,
+                       rng: np.random.RandomState | None = None,
+                       drop_last: bool | None = None) -> Iterator[ClassifierBatch]:
+    """One epoch of classifier batches (see the module docstring). `train` selects fastai's shuffled
+    order (needs `rng`, a np.random.RandomState) over the validation order. `drop_last` (default: `train`,
+    as fastai's training DataLoader) drops a last batch smaller than batch_size instead of filling it."""
+    if drop_last is None:
+        drop_last = train
+    documents = [truncate(np.asarray(d, dtype=np.int32), settings.max_len, settings.keep) for d in documents]
+    if settings.backwards:
+        documents = [d[::-1] for d in documents]
+    lengths = np.array([len(d) for d in documents], dtype=np.int64)
+    if train:
+        if rng is None:
+            raise ValueError("train=True needs rng=np.random.RandomState(seed)")
+        order = shuffled_sorted_order(lengths, settings.batch_size, rng)
+    else:
+        order = sorted_order(lengths)
+    label_array = None if labels is None else np.asarray(labels, dtype=np.int32)
+    batch_size = settings.batch_size
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        if drop_last and len(rows) < batch_size:
+            break
+        width = padded_length(int(lengths[rows].max()), settings)
+        tokens = np.full((batch_size, width), settings.pad_id, dtype=np.int32)
+        token_mask = np.zeros((batch_size, width), dtype=bool)
+        for row, index in enumerate(rows):
+            document = documents[index]
+            tokens[row] = pad_chunk(document, width, settings.pad_id, settings.pad_first, settings.seq_len)
+            if len(document):
+                text_start = ((width - len(document)) // settings.seq_len) * settings.seq_len \
+                    if settings.pad_first else 0
+                token_mask[row, text_start:text_start + len(document)] = True
+        batch_lengths = np.zeros(batch_size, dtype=np.int32)
+        batch_lengths[:len(rows)] = lengths[rows]
+        batch_labels = np.zeros(batch_size, dtype=np.int32)
+        if label_array is not None:
+            batch_labels[:len(rows)] = label_array[rows]
+        row_mask = np.zeros(batch_size, dtype=bool)
+        row_mask[:len(rows)] = True
+        indices = np.full(batch_size, -1, dtype=np.int64)
+        indices[:len(rows)] = rows
+        yield ClassifierBatch(tokens, batch_labels, batch_lengths, token_mask, row_mask, indices)
