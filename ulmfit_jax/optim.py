@@ -264,29 +264,37 @@ def group_values(value: float | Slice | slice | Sequence[float], count: int) -> 
 # --------------------------------------------------------------------------- schedules
 
 
-def cosine_anneal(start, end, pos):
-    """fastai's `sched_cos`: start + (1 + cos(pi (1 - pos))) (end - start) / 2, pos in [0, 1]."""
-    return start + (1 + jnp.cos(jnp.pi * (1 - pos))) * (end - start) / 2
+def _cosine_between(start, end, done, left):
+    """fastai's `sched_cos(start, end, pos)` = start + (1 + cos(pi (1 - pos))) (end - start) / 2
+    with pos = done / (done + left), computed as the equal
+        start sin^2(pi/2 * left / length) + end sin^2(pi/2 * done / length):
+    two non-negative terms, each angle from an exact step difference, so float32 keeps its
+    relative precision near the ends of a phase (the one-cycle anneal ends at lr / 1e5, where the
+    original form cancels and `1 - pos` loses digits). A phase of length 0 (pct_start 0 or 1)
+    is never selected; its length is kept positive so that no NaN appears."""
+    length = jnp.maximum(done + left, jnp.finfo(jnp.float32).tiny)
+    return (start * jnp.sin(jnp.pi / 2 * left / length) ** 2
+            + end * jnp.sin(jnp.pi / 2 * done / length) ** 2)
 
 
 def combined_cosine(pct_start: float, start: float, middle: float, end: float,
                     total_steps: int) -> Schedule:
     """fastai's `combined_cos(pct_start, start, middle, end)` evaluated, as `fit_one_cycle` does,
     at pos = t / total_steps before step t:
-        pos <  pct_start:  cosine_anneal(start, middle, pos / pct_start)
-        pos >= pct_start:  cosine_anneal(middle, end, (pos - pct_start) / (1 - pct_start))
+        pos <  pct_start:  sched_cos(start, middle, pos / pct_start)
+        pos >= pct_start:  sched_cos(middle, end, (pos - pct_start) / (1 - pct_start))
+    with sched_cos(a, b, x) = a + (1 + cos(pi (1 - x))) (b - a) / 2 (see `_cosine_between`).
     """
     if total_steps < 1 or not 0.0 <= pct_start <= 1.0:
         raise ValueError(f"need total_steps >= 1 and pct_start in [0, 1], got {total_steps}, "
                          f"{pct_start}")
-    warm_length = pct_start if pct_start > 0 else 1.0
-    anneal_length = 1 - pct_start if pct_start < 1 else 1.0
+    warm_steps = total_steps * pct_start
 
     def schedule(step):
-        pos = jnp.asarray(step, jnp.float32) / total_steps
-        warm = cosine_anneal(start, middle, pos / warm_length)
-        anneal = cosine_anneal(middle, end, (pos - pct_start) / anneal_length)
-        return jnp.where(pos < pct_start, warm, anneal)
+        t = jnp.asarray(step, jnp.float32)
+        warm = _cosine_between(start, middle, t, warm_steps - t)
+        anneal = _cosine_between(middle, end, t - warm_steps, total_steps - t)
+        return jnp.where(t < warm_steps, warm, anneal)
 
     return schedule
 
@@ -313,7 +321,8 @@ def stlr(peak_lr: float, total_steps: int, cut_frac: float = 0.1, ratio: float =
 
     def schedule(step):
         t = jnp.asarray(step, jnp.float32)
-        p = jnp.where(t < cut, t / cut, 1 - (t - cut) / decay_length)
+        # 1 - (t - cut) / D written as (D - (t - cut)) / D: no cancellation in float32 near p = 0
+        p = jnp.where(t < cut, t / cut, (decay_length - (t - cut)) / decay_length)
         p = jnp.clip(p, 0.0, 1.0)
         return peak_lr * (1 + p * (ratio - 1)) / ratio
 
@@ -460,7 +469,7 @@ def clip_gradient_norm(max_norm: float) -> optax.GradientTransformation:
     g <- g * min(1, max_norm / (||g||_2 + 1e-6)), ||g||_2 the norm of all leaves together."""
     def update(grads, state, params=None):
         del params
-        scale = jnp.minimum(1.0, max_norm / (optax.global_norm(grads) + TORCH_CLIP_EPS))
+        scale = jnp.minimum(1.0, max_norm / (optax.tree.norm(grads) + TORCH_CLIP_EPS))
         return jax.tree.map(lambda g: g * scale, grads), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
