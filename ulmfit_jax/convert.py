@@ -73,7 +73,9 @@ def detect_format(state_dict: dict) -> tuple[str, str]:
                            f"'0.module.encoder.weight' (first keys: {sorted(keys)[:5]})")
     if prefix + "encoder_with_dropout.embed.weight" in keys:
         return "0.7", kind
-    if any(re.fullmatch(re.escape(prefix) + r"rnns\.\d+\.module\.weight_hh_l0", k) for k in keys):
+    # v1 keeps the dropped copy of a weight-dropped tensor: LSTM `module.weight_hh_l0`, QRNN `linear.module.weight`
+    if any(re.fullmatch(re.escape(prefix) + r"rnns\.\d+\.(module\.weight_hh_l0|layers\.0\.linear\.module\.weight)", k)
+           for k in keys):
         return "v1", kind
     return "v2", kind
 
@@ -130,6 +132,15 @@ def infer_encoder_config(state_dict: dict, **overrides) -> EncoderConfig:
                      if (m := re.match(re.escape(prefix) + r"rnns\.(\d+)\.", k))})
     if layers != list(range(len(layers))) or not layers:
         raise WeightsError(f"rnn layers are not numbered 0..L-1: {layers}")
+    from ulmfit_jax import qrnn
+    if qrnn.is_qrnn_state_dict(state_dict, prefix):
+        try:
+            sizes = qrnn.infer_qrnn_sizes(state_dict, prefix, len(layers), emb_size)
+        except ValueError as error:
+            raise WeightsError(str(error)) from None
+        if len(layers) == 1:
+            sizes["n_hidden"] = overrides.pop("n_hidden", sizes["n_hidden"])
+        return EncoderConfig(vocab_size=vocab_size, emb_size=emb_size, n_layers=len(layers), **{**sizes, **overrides})
     bidirectional = prefix + "rnns.0.module.weight_ih_l0_reverse" in state_dict
     first_hh = state_dict[prefix + ("rnns.0.module.weight_hh_l0_raw" if version == "0.7" else "rnns.0.weight_hh_l0_raw")]
     n_hidden = first_hh.shape[1] * (2 if bidirectional else 1)
