@@ -17,6 +17,7 @@ $(VENV)/.installed: pyproject.toml requirements-reference.txt
 	$(PY) -m pip install -q -e '.[torch,text,test]'
 	$(PY) -m pip install -q -r requirements-reference.txt
 	$(PY) -m pip install -q --no-deps fastai==2.8.12
+	$(PY) -m pip install -q --no-deps --target $(VENV)/fastai1 fastai==1.0.61 'setuptools<81'
 	touch $@
 
 test: venv
