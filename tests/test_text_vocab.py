@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from ulmfit_jax.text.datasets import data_dir, read_jsonl
 from ulmfit_jax.text.rules import SPECIAL_TOKENS
 from ulmfit_jax.text.tokenizers import TextTokenizer
 from ulmfit_jax.text.vocab import (count_tokens, load_vocab, load_vocab_json, load_vocab_pickle, make_vocab,
@@ -20,9 +21,12 @@ fastai_data = pytest.importorskip("fastai.text.data", reason="fastai 2.8.12 is t
 
 @pytest.fixture(scope="module")
 def imdb_counts():
-    from tests.test_text_tokenizers import imdb_sample
+    path = data_dir() / "imdb" / "test.jsonl.gz"
+    if not path.exists():
+        pytest.skip(f"IMDb data not found at {path} (set ULMFIT_DATA_DIR)")
     tokenizer = TextTokenizer()
-    documents = [tokenizer(text) for text in imdb_sample("test", 50, 500)]
+    split, _ = read_jsonl(path, every=50, limit=500)
+    documents = [tokenizer(text) for text in split.texts]
     return documents, count_tokens(documents)
 
 

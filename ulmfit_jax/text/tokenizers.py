@@ -137,12 +137,13 @@ class FastWordTokenizer:
             pattern: self._special_cases[string] != pattern for pattern, string in self._matcher_patterns.items()}
         self._pattern_earlier_tokens = {token for pattern in self._matcher_patterns for token in pattern[:-1]}
         self._pattern_later_tokens = {token for pattern in self._matcher_patterns for token in pattern[1:]}
-        self._cache = _ChunkTokens(self._tokenize_chunk)
-        self._chunks_with_matches: set[str] = set()
+        self.clear_cache()
 
     def clear_cache(self) -> None:
         self._cache = _ChunkTokens(self._tokenize_chunk)
-        self._chunks_with_matches = set()
+        # chunk -> tokens before the matcher and the post-rules, for the exact document-level path
+        self._raw_cache = _ChunkTokens(lambda chunk: tuple(self._tokenize_span(chunk, with_special_cases=True)))
+        self._chunks_with_matches: set[str] = set()
 
     def _prefix_length(self, string: str) -> int:
         match = self._prefix_search(string)
@@ -279,31 +280,48 @@ class FastWordTokenizer:
         return pieces
 
     def _tokenize_document_exactly(self, text: str) -> list[str]:
-        """Slow path, exactly spaCy: affix rules per chunk, then the special-case matcher over the whole
-        document, where a span's text is the original text it covers (so a span across a space is no
-        special case, but still blocks overlapping spans)."""
-        tokens: list[str] = []
-        starts: list[int] = []
-        ends: list[int] = []
-        position = 0
-        pieces = _WHITESPACE_SPLIT.split(text)
-        for index, piece in enumerate(pieces):
-            chunk, offset = piece, position
-            is_leading_whitespace = index == 1 and pieces[0] == ''
-            if index % 2 == 1 and not is_leading_whitespace and piece[0] == ' ':
-                chunk, offset = piece[1:], position + 1  # the space spaCy attaches to the previous token
-            position += len(piece)
-            for token in (self._tokenize_span(chunk, with_special_cases=True) if chunk else ()):
-                tokens.append(token)
-                starts.append(offset)
-                ends.append(offset + len(token))
-                offset += len(token)
-        kept = self._find_matches(tokens)
-        if kept:
-            tokens = self._replace_matches(tokens, kept, lambda start, end: text[starts[start]:ends[end - 1]])
-        for rule in self._post_rules:
-            tokens = [rule(token) for token in tokens]
-        return tokens
+        """Exactly spaCy's document-level special-case matching. A matcher span can only cross the space
+        between two chunks if the first chunk ends with a token that a pattern continues and the second
+        starts with a token that continues a pattern; chunks linked that way form a group matched as a
+        whole (a span's text keeps its space, so a span across chunks is never a special case itself but
+        still blocks the spans it overlaps). Every other chunk keeps its cached chunk-level tokens."""
+        chunks = self.split_chunks(text)
+        raw = self._raw_cache
+        earlier, later = self._pattern_earlier_tokens, self._pattern_later_tokens
+        result: list[str] = []
+        group: list[str] = []
+
+        def flush():
+            if len(group) == 1:
+                result.extend(self._cache[group[0]])
+            elif group:
+                tokens, chunk_of = [], []
+                for number, chunk in enumerate(group):
+                    tokens.extend(raw[chunk])
+                    chunk_of.extend([number] * len(raw[chunk]))
+
+                def span_text(start, end):
+                    return "".join(token if position == start or chunk_of[position] == chunk_of[position - 1]
+                                   else " " + token for position, token in enumerate(tokens[start:end], start))
+
+                kept = self._find_matches(tokens)
+                tokens = self._replace_matches(tokens, kept, span_text) if kept else tokens
+                for rule in self._post_rules:
+                    tokens = [rule(token) for token in tokens]
+                result.extend(tokens)
+            group.clear()
+
+        for index, chunk in enumerate(chunks):
+            if not chunk:
+                continue
+            linked = (index % 2 == 0 and group and index >= 2 and chunks[index - 1] == ''
+                      and chunks[index - 2] == group[-1] and raw[group[-1]][-1] in earlier
+                      and raw[chunk][0] in later)
+            if not linked:
+                flush()
+            group.append(chunk)
+        flush()
+        return result
 
     def __call__(self, text: str) -> list[str]:
         pieces = self.split_chunks(text)
