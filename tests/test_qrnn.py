@@ -170,10 +170,12 @@ def test_zoneout_in_the_encoder_acts_only_in_training(key):
     params = models.init_language_model(key, config)
     tokens = jax.random.randint(key, (2, 9), 2, 30)
     state = encoder.initial_state(config.encoder, 2)
-    evaluated = models.language_model_apply(params, tokens, state, config=config)[0]
-    trained = models.language_model_apply(params, tokens, state, config=config, train=True, key=key)[0]
+    apply = jax.jit(lambda p, x, s, k, config, train: models.language_model_apply(
+        p, x, s, config=config, train=train, key=k)[0], static_argnums=(4, 5))
+    evaluated = apply(params, tokens, state, None, config, False)
+    trained = apply(params, tokens, state, key, config, True)
     no_zoneout = dataclasses.replace(config, encoder=dataclasses.replace(config.encoder, zoneout=0.0))
-    trained_without = models.language_model_apply(params, tokens, state, config=no_zoneout, train=True, key=key)[0]
+    trained_without = apply(params, tokens, state, key, no_zoneout, True)
     np.testing.assert_allclose(np.asarray(trained_without), np.asarray(evaluated), atol=1e-6)
     assert np.abs(np.asarray(trained) - np.asarray(evaluated)).max() > 1e-3
 
@@ -255,9 +257,10 @@ def test_state_has_the_batch_axis_first_and_windows_compose(key):
         {"cell": (4, 10), "prev_x": (4, 6)}, {"cell": (4, 10)}, {"cell": (4, 6)}]
     assert float(jnp.abs(params["encoder"]["embed"][config.encoder.pad_token]).max()) == 0.0   # v1 init
     tokens = jax.random.randint(key, (4, 12), 0, 40)
-    whole, _, _ = models.language_model_apply(params, tokens, state, config=config)
-    first, carried, _ = models.language_model_apply(params, tokens[:, :5], state, config=config)
-    second, _, _ = models.language_model_apply(params, tokens[:, 5:], carried, config=config)
+    apply = jax.jit(lambda p, x, s: models.language_model_apply(p, x, s, config=config)[:2])
+    whole, _ = apply(params, tokens, state)
+    first, carried = apply(params, tokens[:, :5], state)
+    second, _ = apply(params, tokens[:, 5:], carried)
     np.testing.assert_allclose(np.asarray(jnp.concatenate([first, second], 1)), np.asarray(whole), atol=1e-5)
     # without the saved input, the second window would start from zeros: the test can fail
     no_saved = [carried[0] | {"prev_x": jnp.zeros_like(carried[0]["prev_x"])}] + carried[1:]
@@ -277,8 +280,9 @@ def test_associative_forget_mult_in_the_encoder_gives_the_same_model(key):
         logits, _, _ = models.language_model_apply(params, tokens, state, config=config, train=True, key=key)
         return losses.cross_entropy(logits[:, :-1], tokens[:, 1:])
 
-    value_scan, grads_scan = jax.value_and_grad(loss)(params, config)
-    value_assoc, grads_assoc = jax.value_and_grad(loss)(params, associative)
+    value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    value_scan, grads_scan = value_and_grad(params, config)
+    value_assoc, grads_assoc = value_and_grad(params, associative)
     assert abs(float(value_scan) - float(value_assoc)) < 1e-5
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0),
                  grads_scan, grads_assoc)
@@ -290,8 +294,8 @@ def test_qrnn_classifier_runs_bpt3c(key):
     tokens = np.full((2, 11), config.encoder.pad_token)
     tokens[0, :] = np.arange(2, 13)
     tokens[1, 4:] = np.arange(2, 9)
-    logits, _, outputs = models.classifier_apply(params, stats, jnp.asarray(tokens), config=config, train=True,
-                                                 key=key)
+    apply = jax.jit(lambda p, s, x, k: models.classifier_apply(p, s, x, config=config, train=True, key=k))
+    logits, _, outputs = apply(params, stats, jnp.asarray(tokens), key)
     assert logits.shape == (2, 3) and outputs.shape == (2, 7, 6)
     assert np.isfinite(np.asarray(logits)).all()
 
@@ -413,7 +417,7 @@ def test_language_model_gradients_equal_fastai1(fastai1, spec):
                 + losses.activation_regularization(dropped, ALPHA)
                 + losses.temporal_activation_regularization(raw, BETA))
 
-    value, grads = jax.value_and_grad(loss_fn)(params)
+    value, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
     assert abs(float(value) - float(results["loss"])) < 1e-5
     compared = jax.tree.map(lambda g, e: np.testing.assert_allclose(np.asarray(g), e, atol=1e-4, rtol=0),
                             grads, expected)
