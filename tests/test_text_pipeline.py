@@ -139,15 +139,15 @@ def test_script_missing_field_is_a_clear_error(tmp_path):
 
 
 def test_a_document_of_millions_of_characters(reviews):
-    """3 M characters in one document: linear time, memory a small multiple of the text."""
+    """2 M characters in one document: linear time, memory a small multiple of the text."""
     text = " ".join(reviews)
-    text = (text * (3_000_000 // len(text) + 1))[:3_000_000]
+    text = (text * (2_000_000 // len(text) + 1))[:2_000_000]
     pipeline._init_worker(TokenizerSettings())
     tracemalloc.start()
     try:
-        _, ids, lengths = pipeline._tokenize_batch([text])
+        _, _, ids, lengths = pipeline._tokenize_batch([text])
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert lengths[0] > 500_000 and len(ids) == lengths[0]
+    assert lengths[0] > 400_000 and len(ids) == lengths[0]
     assert peak < 100 * len(text)  # measured about 55 bytes a character, most of it the token list

@@ -156,3 +156,13 @@ def test_sentencepiece_equals_fastai(tmp_path, reviews):
     model = train_sentencepiece([rules.apply_rules(t) for t in texts], str(tmp_path / "ours"))
     ours = TextTokenizer(TokenizerSettings("sentencepiece", sentencepiece_model=model))
     assert [ours(t) for t in texts] == fastai_pieces
+
+
+@pytest.mark.parametrize("text", HARD_STRINGS + ["", " ", "  two leading", "trailing  "])
+def test_token_ids_equal_setdefault_over_tokens(word_tokenizers, text):
+    fast, _ = word_tokenizers
+    vocabulary, expected_vocabulary = {"xxbos": 0}, {"xxbos": 0}
+    for repeat in range(2):  # the second time from the id cache
+        ids = fast.token_ids(text, vocabulary)
+        expected = [expected_vocabulary.setdefault(t, len(expected_vocabulary)) for t in fast(text)]
+        assert ids == expected and vocabulary == expected_vocabulary

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -72,35 +73,56 @@ class TokenizedCorpus:
 # ------------------------------------------------------------------ workers
 
 _worker_tokenizer: TextTokenizer | None = None
+_worker_vocabulary: dict[str, int] = {}  # this worker's token -> its own id, kept across batches
+_worker_sent = 0                         # how many of those tokens the parent has been sent
 
 
 def _init_worker(settings: TokenizerSettings) -> None:
-    global _worker_tokenizer
+    global _worker_tokenizer, _worker_vocabulary, _worker_sent
     _worker_tokenizer = TextTokenizer(settings)
+    _worker_vocabulary, _worker_sent = {}, 0
 
 
-def _tokenize_batch(texts: Sequence[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(distinct tokens of the batch in first-seen order, ids into them, tokens per document)."""
+def _tokenize_batch(texts: Sequence[str]) -> tuple[int, list[str], np.ndarray, np.ndarray]:
+    """(worker id, tokens new to this worker since its last batch, ids in the worker's own numbering,
+    tokens per document). The parent rebuilds each worker's numbering from the new tokens in order."""
+    global _worker_sent
     tokenizer = _worker_tokenizer
-    index: dict[str, int] = {}
-    setdefault = index.setdefault
+    vocabulary = _worker_vocabulary
     ids: list[int] = []
     lengths = np.zeros(len(texts), dtype=np.int64)
+    token_ids = tokenizer.token_ids
     for position, text in enumerate(texts):
-        tokens = tokenizer(text)
-        lengths[position] = len(tokens)
-        ids.extend([setdefault(token, len(index)) for token in tokens])
-    return list(index), np.asarray(ids, dtype=np.int32), lengths
+        document = token_ids(text, vocabulary)
+        lengths[position] = len(document)
+        ids.extend(document)
+    new_tokens = list(itertools.islice(vocabulary, _worker_sent, None))
+    _worker_sent = len(vocabulary)
+    return os.getpid(), new_tokens, np.asarray(ids, dtype=np.int32), lengths
 
 
-def _merge(results: Iterable[tuple[list[str], np.ndarray, np.ndarray]], n_documents: int) -> TokenizedCorpus:
+def _merge(results: Iterable[tuple[int, list[str], np.ndarray, np.ndarray]], n_documents: int) -> TokenizedCorpus:
+    """Renumber every batch's ids into one numbering in first-seen order over the whole corpus (batches
+    arrive in corpus order; each worker's new tokens arrive in the order it numbered them)."""
     index: dict[str, int] = {}
     setdefault = index.setdefault
+    worker_tokens: dict[int, list[str]] = {}
+    worker_to_global: dict[int, np.ndarray] = {}
     id_parts, length_parts = [], []
-    for batch_tokens, batch_ids, lengths in results:
-        mapping = np.fromiter((setdefault(token, len(index)) for token in batch_tokens), dtype=np.int32,
-                              count=len(batch_tokens))
-        id_parts.append(mapping[batch_ids] if len(batch_ids) else batch_ids)
+    for worker, new_tokens, batch_ids, lengths in results:
+        tokens = worker_tokens.setdefault(worker, [])
+        tokens.extend(new_tokens)
+        mapping = worker_to_global.get(worker, np.zeros(0, np.int64))
+        if len(mapping) < len(tokens):
+            mapping = np.concatenate([mapping, np.full(len(tokens) - len(mapping), -1, np.int64)])
+        if len(batch_ids):
+            distinct, first_position = np.unique(batch_ids, return_index=True)
+            unmapped = mapping[distinct] < 0
+            # tokens this corpus has not numbered yet, in the order they first appear in this batch
+            for worker_id in distinct[unmapped][np.argsort(first_position[unmapped], kind="stable")]:
+                mapping[worker_id] = setdefault(tokens[worker_id], len(index))
+            id_parts.append(mapping[batch_ids].astype(np.int32))
+        worker_to_global[worker] = mapping
         length_parts.append(lengths)
     lengths = np.concatenate(length_parts) if length_parts else np.zeros(0, np.int64)
     assert len(lengths) == n_documents
@@ -192,7 +214,7 @@ def tokenize_corpus(texts: Sequence[str], settings: TokenizerSettings = Tokenize
     def tick(results):
         for result in results:
             if bar is not None:
-                bar.update(len(result[2]))
+                bar.update(len(result[3]))
             yield result
 
     if n_workers <= 1 or len(batches) <= 1:

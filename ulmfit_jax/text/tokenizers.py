@@ -144,6 +144,7 @@ class FastWordTokenizer:
         # chunk -> tokens before the matcher and the post-rules, for the exact document-level path
         self._raw_cache = _ChunkTokens(lambda chunk: tuple(self._tokenize_span(chunk, with_special_cases=True)))
         self._chunks_with_matches: set[str] = set()
+        self._ids_vocabulary: dict | None = None
 
     def _prefix_length(self, string: str) -> int:
         match = self._prefix_search(string)
@@ -253,39 +254,38 @@ class FastWordTokenizer:
         result.extend(tokens[position:])
         return result
 
+    def _finish(self, tokens: Sequence[str]) -> tuple[str, ...]:
+        for rule in self._post_rules:
+            tokens = [rule(token) for token in tokens]
+        return tuple(tokens)
+
     def _tokenize_chunk(self, chunk: str) -> tuple[str, ...]:
+        """Tokens of one piece of `re.split(r'(\\s+)', text)`: a non-space chunk, or a whitespace run that
+        follows a token (spaCy attaches one ' ' to that token; what is left, if anything, is one token)."""
+        if chunk[0].isspace():
+            rest = chunk[1:] if chunk[0] == ' ' else chunk
+            return self._finish(self._tokenize_span(rest, with_special_cases=True)) if rest else ()
         tokens = self._tokenize_span(chunk, with_special_cases=True)
         if tokens[0] in self._pattern_first_tokens or len(tokens) > 1:
             kept = self._find_matches(tokens)
             if kept:
                 # spaCy matches over the whole document: a span across chunks (a no-op itself, its text has
                 # a space) can block a match here if it covers this chunk's first or last token. Documents
-                # with such a chunk take the exact document-level path (`__call__`).
+                # with such a chunk take the exact document-level path (`_tokenize_document_exactly`).
                 if self._last_match_changes and (tokens[0] in self._pattern_later_tokens
                                                  or tokens[-1] in self._pattern_earlier_tokens):
                     self._chunks_with_matches.add(chunk)
                 tokens = self._replace_matches(tokens, kept, lambda start, end: "".join(tokens[start:end]))
-        for rule in self._post_rules:
-            tokens = [rule(token) for token in tokens]
-        return tuple(tokens)
-
-    def split_chunks(self, text: str) -> list[str]:
-        """The chunks spaCy tokenizes separately, in order: non-space runs, and whitespace runs less the one
-        ' ' that spaCy attaches to the preceding token ('' where nothing is left)."""
-        pieces = _WHITESPACE_SPLIT.split(text)
-        leading_whitespace = pieces[1] if len(pieces) > 1 and pieces[0] == '' else None
-        pieces[1::2] = [piece[1:] if piece[0] == ' ' else piece for piece in pieces[1::2]]
-        if leading_whitespace is not None:  # whitespace at the very start is one whole token in spaCy
-            pieces[1] = leading_whitespace
-        return pieces
+        return self._finish(tokens)
 
     def _tokenize_document_exactly(self, text: str) -> list[str]:
         """Exactly spaCy's document-level special-case matching. A matcher span can only cross the space
         between two chunks if the first chunk ends with a token that a pattern continues and the second
         starts with a token that continues a pattern; chunks linked that way form a group matched as a
         whole (a span's text keeps its space, so a span across chunks is never a special case itself but
-        still blocks the spans it overlaps). Every other chunk keeps its cached chunk-level tokens."""
-        chunks = self.split_chunks(text)
+        still blocks the spans it overlaps). Every other piece keeps its cached tokens. Also handles
+        whitespace at the very start, which spaCy keeps whole as one token."""
+        pieces = _WHITESPACE_SPLIT.split(text)
         raw = self._raw_cache
         earlier, later = self._pattern_earlier_tokens, self._pattern_later_tokens
         result: list[str] = []
@@ -305,30 +305,54 @@ class FastWordTokenizer:
                                    else " " + token for position, token in enumerate(tokens[start:end], start))
 
                 kept = self._find_matches(tokens)
-                tokens = self._replace_matches(tokens, kept, span_text) if kept else tokens
-                for rule in self._post_rules:
-                    tokens = [rule(token) for token in tokens]
-                result.extend(tokens)
+                result.extend(self._finish(self._replace_matches(tokens, kept, span_text) if kept else tokens))
             group.clear()
 
-        for index, chunk in enumerate(chunks):
-            if not chunk:
+        first = 0
+        if len(pieces) > 1 and pieces[0] == '':
+            result.extend(self._finish(self._tokenize_span(pieces[1], with_special_cases=True)))
+            first = 2
+        for index in range(first, len(pieces)):
+            piece = pieces[index]
+            if index % 2 == 1:
+                if piece != ' ':  # a whitespace token separates: no span crosses it
+                    flush()
+                    result.extend(self._cache[piece])
                 continue
-            linked = (index % 2 == 0 and group and index >= 2 and chunks[index - 1] == ''
-                      and chunks[index - 2] == group[-1] and raw[group[-1]][-1] in earlier
-                      and raw[chunk][0] in later)
+            if not piece:
+                continue
+            linked = (group and pieces[index - 1] == ' ' and raw[group[-1]][-1] in earlier
+                      and raw[piece][0] in later)
             if not linked:
                 flush()
-            group.append(chunk)
+            group.append(piece)
         flush()
         return result
 
     def __call__(self, text: str) -> list[str]:
-        pieces = self.split_chunks(text)
+        pieces = _WHITESPACE_SPLIT.split(text)
+        if len(pieces) > 1 and pieces[0] == '':
+            return self._tokenize_document_exactly(text)
         tokens = list(itertools.chain.from_iterable(map(self._cache.__getitem__, pieces)))
         if self._chunks_with_matches and not self._chunks_with_matches.isdisjoint(pieces):
             return self._tokenize_document_exactly(text)
         return tokens
+
+    def token_ids(self, text: str, vocabulary: dict[str, int]) -> list[int]:
+        """The tokens of `text` as ids in `vocabulary`, new tokens added in first-seen order (`setdefault`).
+        Equal to `[vocabulary.setdefault(t, len(vocabulary)) for t in self(text)]`, but ids are cached per
+        chunk, so the work per token is a dictionary look-up (used by the parallel tokenizer's workers)."""
+        if vocabulary is not self._ids_vocabulary:
+            setdefault = vocabulary.setdefault
+            self._ids_vocabulary = vocabulary
+            self._ids_cache = _ChunkTokens(
+                lambda chunk: tuple([setdefault(token, len(vocabulary)) for token in self._cache[chunk]]))
+        pieces = _WHITESPACE_SPLIT.split(text)
+        if not (len(pieces) > 1 and pieces[0] == ''):
+            ids = list(itertools.chain.from_iterable(map(self._ids_cache.__getitem__, pieces)))
+            if not self._chunks_with_matches or self._chunks_with_matches.isdisjoint(pieces):
+                return ids
+        return [vocabulary.setdefault(token, len(vocabulary)) for token in self(text)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -447,6 +471,13 @@ class TextTokenizer:
 
     def __call__(self, text: str) -> list[str]:
         return self._base(text_rules.apply_rules(text, self._pre_rules))
+
+    def token_ids(self, text: str, vocabulary: dict[str, int]) -> list[int]:
+        """`[vocabulary.setdefault(t, len(vocabulary)) for t in self(text)]`, faster with `fast`."""
+        processed = text_rules.apply_rules(text, self._pre_rules)
+        if isinstance(self._base, FastWordTokenizer):
+            return self._base.token_ids(processed, vocabulary)
+        return [vocabulary.setdefault(token, len(vocabulary)) for token in self._base(processed)]
 
 
 def tokenize(text: str, settings: TokenizerSettings = TokenizerSettings()) -> list[str]:
