@@ -349,9 +349,12 @@ class FastWordTokenizer:
                 lambda chunk: tuple([setdefault(token, len(vocabulary)) for token in self._cache[chunk]]))
         pieces = _WHITESPACE_SPLIT.split(text)
         if not (len(pieces) > 1 and pieces[0] == ''):
-            ids = list(itertools.chain.from_iterable(map(self._ids_cache.__getitem__, pieces)))
+            # Tokenize the chunks new to the id cache first: that tells whether the document needs the
+            # exact document-level path before any of its tokens is numbered.
+            for piece in set(pieces).difference(self._ids_cache.keys()):
+                self._cache[piece]
             if not self._chunks_with_matches or self._chunks_with_matches.isdisjoint(pieces):
-                return ids
+                return list(itertools.chain.from_iterable(map(self._ids_cache.__getitem__, pieces)))
         return [vocabulary.setdefault(token, len(vocabulary)) for token in self(text)]
 
 
