@@ -132,6 +132,15 @@ def _merge(results: Iterable[tuple[int, list[str], np.ndarray, np.ndarray]], n_d
     return TokenizedCorpus(list(index), ids.astype(np.int32, copy=False), offsets)
 
 
+def _start_method() -> str | None:
+    """fork starts workers in milliseconds, but forking a process in which JAX (multithreaded) is loaded can
+    deadlock; then forkserver (a clean server process forks the workers)."""
+    methods = multiprocessing.get_all_start_methods()
+    if "fork" in methods and "jax" not in sys.modules:
+        return "fork"
+    return "forkserver" if "forkserver" in methods else None
+
+
 def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -221,9 +230,7 @@ def tokenize_corpus(texts: Sequence[str], settings: TokenizerSettings = Tokenize
         _init_worker(settings)
         corpus = _merge(tick(map(_tokenize_batch, batches)), len(texts))
     else:
-        # fork: workers start in milliseconds and share the parent's loaded modules (Linux default).
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-        context = multiprocessing.get_context(method)
+        context = multiprocessing.get_context(_start_method())
         with context.Pool(n_workers, initializer=_init_worker, initargs=(settings,)) as pool:
             corpus = _merge(tick(pool.imap(_tokenize_batch, batches)), len(texts))
     if bar is not None:
