@@ -339,9 +339,10 @@ class FastWordTokenizer:
         return tokens
 
     def token_ids(self, text: str, vocabulary: dict[str, int]) -> list[int]:
-        """The tokens of `text` as ids in `vocabulary`, new tokens added in first-seen order (`setdefault`).
-        Equal to `[vocabulary.setdefault(t, len(vocabulary)) for t in self(text)]`, but ids are cached per
-        chunk, so the work per token is a dictionary look-up (used by the parallel tokenizer's workers)."""
+        """The tokens of `text` as ids in `vocabulary` (a new token gets `len(vocabulary)`), with ids cached
+        per chunk so that the work per token is a dictionary look-up (used by the parallel tokenizer's
+        workers). `[inverse[i] for i in ids] == self(text)`; the numbering is not first-seen order, and the
+        vocabulary may also gain the chunk-level tokens of a document that then takes the exact path."""
         if vocabulary is not self._ids_vocabulary:
             setdefault = vocabulary.setdefault
             self._ids_vocabulary = vocabulary
@@ -349,12 +350,9 @@ class FastWordTokenizer:
                 lambda chunk: tuple([setdefault(token, len(vocabulary)) for token in self._cache[chunk]]))
         pieces = _WHITESPACE_SPLIT.split(text)
         if not (len(pieces) > 1 and pieces[0] == ''):
-            # Tokenize the chunks new to the id cache first: that tells whether the document needs the
-            # exact document-level path before any of its tokens is numbered.
-            for piece in set(pieces).difference(self._ids_cache.keys()):
-                self._cache[piece]
+            ids = list(itertools.chain.from_iterable(map(self._ids_cache.__getitem__, pieces)))
             if not self._chunks_with_matches or self._chunks_with_matches.isdisjoint(pieces):
-                return list(itertools.chain.from_iterable(map(self._ids_cache.__getitem__, pieces)))
+                return ids
         return [vocabulary.setdefault(token, len(vocabulary)) for token in self(text)]
 
 
@@ -476,7 +474,7 @@ class TextTokenizer:
         return self._base(text_rules.apply_rules(text, self._pre_rules))
 
     def token_ids(self, text: str, vocabulary: dict[str, int]) -> list[int]:
-        """`[vocabulary.setdefault(t, len(vocabulary)) for t in self(text)]`, faster with `fast`."""
+        """The tokens as ids in `vocabulary`, adding new ones (see `FastWordTokenizer.token_ids`)."""
         processed = text_rules.apply_rules(text, self._pre_rules)
         if isinstance(self._base, FastWordTokenizer):
             return self._base.token_ids(processed, vocabulary)
