@@ -269,6 +269,41 @@ def test_state_has_the_batch_axis_first_and_windows_compose(key):
     assert np.abs(np.asarray(with_saved) - np.asarray(without)).max() > 1e-2
 
 
+def test_weight_drop_masks_the_gate_weight_once_per_call(key):
+    config = EncoderConfig(vocab_size=10, emb_size=5, n_hidden=4, n_layers=1, arch="qrnn", weight_p=0.5)
+    params = qrnn.init_qrnn_params(key, 5, 5, window=2)
+    x = jax.random.normal(key, (7, 3, 5))
+    state = qrnn.initial_qrnn_state(config, 3)[0]
+    weight_key = jax.random.PRNGKey(11)
+    trained, _ = qrnn.qrnn_stack_layer(params, x, state, config=config, weight_key=weight_key, train=True)
+    drop_key, _ = jax.random.split(weight_key)
+    mask = dropout.dropout_mask(drop_key, params["weight"].shape, 0.5)
+    masked = dict(params, weight=params["weight"] * mask)           # the bias is not dropped
+    expected, _ = qrnn.qrnn_stack_layer(masked, x, state, config=config, weight_key=None, train=False)
+    np.testing.assert_allclose(np.asarray(trained), np.asarray(expected), atol=1e-6)
+    evaluated, _ = qrnn.qrnn_stack_layer(params, x, state, config=config, weight_key=weight_key, train=False)
+    assert np.abs(np.asarray(trained) - np.asarray(evaluated)).max() > 1e-2
+
+
+def test_batch_sharded_over_devices_equals_one_device(key):
+    devices = jax.devices()
+    if len(devices) < 2:
+        pytest.skip("needs several (forced CPU) devices")
+    config = awd_lstm_lm_config(30, arch="qrnn", emb_size=6, n_hidden=8, n_layers=2)
+    params = models.init_language_model(key, config)
+    batch = 2 * len(devices)
+    tokens = jax.random.randint(key, (batch, 7), 0, 30)
+    state = encoder.initial_state(config.encoder, batch)
+    apply = jax.jit(lambda p, x, s: models.language_model_apply(p, x, s, config=config, train=True, key=key)[:2])
+    expected_logits, expected_state = apply(params, tokens, state)
+    mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    logits, new_state = apply(params, jax.device_put(tokens, rows), jax.device_put(state, rows))
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(expected_logits), atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6),
+                 new_state, expected_state)
+
+
 def test_associative_forget_mult_in_the_encoder_gives_the_same_model(key):
     config = awd_lstm_lm_config(40, arch="qrnn", emb_size=6, n_hidden=10, n_layers=3, drop_mult=0.5)
     associative = dataclasses.replace(config, encoder=dataclasses.replace(config.encoder, forget_mult="associative"))
