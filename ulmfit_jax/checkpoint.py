@@ -133,3 +133,50 @@ def load_model(directory) -> dict:
         classes_file = directory / "classes.json"
         model["classes"] = json.loads(classes_file.read_text()) if classes_file.is_file() else None
     return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Training checkpoints (orbax)
+
+class TrainingCheckpointer:
+    """orbax `CheckpointManager` over `{"params", "opt_state", "carry", "step"}`.
+
+    orbax writes each step to a temporary folder and renames it when complete, so a crash leaves
+    the previous checkpoints intact; `restore` falls back to an older step when the newest cannot
+    be read. The optimizer state's structure depends on the stage, so restoring needs a target
+    tree of the right structure (`abstract`).
+    """
+
+    def __init__(self, directory, max_to_keep: int = 2):
+        import orbax.checkpoint as ocp
+        self._ocp = ocp
+        self.directory = Path(directory).resolve()
+        self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, enable_async_checkpointing=False))
+
+    def save(self, step: int, tree) -> None:
+        self.manager.save(step, args=self._ocp.args.StandardSave(tree), force=True)
+        self.manager.wait_until_finished()
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore(self, target_for_step):
+        """-> (step, tree) from the newest readable checkpoint, or (None, None) when there is none.
+
+        `target_for_step(step)` gives a tree of the structure saved at that step (arrays or
+        ShapeDtypeStructs).
+        """
+        import jax
+        errors = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, target_for_step(step))
+                return step, self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
+            except Exception as error:  # a corrupt or partial step: say so, try the one before
+                errors.append(f"step {step}: {type(error).__name__}: {error}")
+                print(f"warning: checkpoint step {step} in {self.directory} is unreadable, trying an older one",
+                      flush=True)
+        if errors:
+            raise RuntimeError("no readable checkpoint in " + str(self.directory) + ":\n" + "\n".join(errors))
+        return None, None

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ulmfit_jax import encoder, heads, losses, models, optim
+from ulmfit_jax import encoder, heads, losses, models, optim, parallel
 from ulmfit_jax.config import ClassifierConfig, LanguageModelConfig
 
 
@@ -177,6 +177,132 @@ class Stage:
     trainable: frozenset[int] | None = None
 
 
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; a checkpoint of the last finished step was saved."""
+
+    def __init__(self, step: int):
+        super().__init__(f"interrupted after step {step}; checkpoint saved")
+        self.step = step
+
+
+class _SignalFlag:
+    """Turns SIGINT / SIGTERM into a flag the loop checks between steps (never mid-step)."""
+
+    def __init__(self):
+        self.received = None
+
+    def __enter__(self):
+        import signal
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, _frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        import signal
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _run_stages(stages, steps_per_epoch: int, *, kind: str, params, carry, build_stage, epoch_batches,
+                new_epoch_carry, place_carry, evaluate, seed: int, mesh, checkpointer=None, max_steps=None,
+                log=None, on_epoch_end=None):
+    """The loop shared by both models: stages of epochs of steps, checkpointed and resumable.
+
+    `build_stage(stage) -> (optimizer, step_fn)` with `step_fn(params, opt_state, carry, batch, key,
+    trainable) -> (params, opt_state, carry, metrics)`; `epoch_batches(epoch)` yields device batches,
+    deterministic in (seed, epoch), so a resumed run skips to the same batch; `new_epoch_carry(carry)`
+    resets what an epoch resets (the LM's hidden state); `place_carry` puts a restored carry on the
+    mesh (parameters and optimizer state are replicated). The global step fixes the stage, the epoch and
+    the batch, so a checkpoint is `{params, opt_state, carry, step}`.
+    """
+    labels = optim.layer_group_labels(params, kind)
+    count = optim.n_groups(labels)
+    stage_of_epoch = [i for i, stage in enumerate(stages) for _ in range(stage.epochs)]
+    total_steps = len(stage_of_epoch) * steps_per_epoch
+    if max_steps is not None:
+        total_steps = min(total_steps, max_steps)
+    built = {}
+
+    def stage_parts(index):
+        if index not in built:
+            stage = stages[index]
+            trainable = optim.unfreeze(count) if stage.trainable is None else frozenset(stage.trainable)
+            optimizer, step_fn = build_stage(stage, trainable, stage.epochs * steps_per_epoch)
+            built[index] = (trainable, optimizer, step_fn)
+        return built[index]
+
+    def initial_opt_state(index, params):
+        trainable, optimizer, _ = stage_parts(index)
+        trained = optim.split_trainable(params, labels, trainable, stages[index].optimizer.train_bn)[0]
+        return parallel.replicate(optimizer.init(trained), mesh)
+
+    step = 0
+    opt_state = None
+    if checkpointer is not None:
+        def target(saved_step):
+            index = stage_of_epoch[min(saved_step // steps_per_epoch, len(stage_of_epoch) - 1)]
+            return {"params": params, "opt_state": initial_opt_state(index, params), "carry": carry, "step": 0}
+        saved_step, restored = checkpointer.restore(target)
+        if restored is not None:
+            step = saved_step
+            params, opt_state = parallel.replicate((restored["params"], restored["opt_state"]), mesh)
+            carry = place_carry(restored["carry"])
+            _log(log, {"resumed_from_step": step})
+    base_key = jax.random.PRNGKey(seed)
+    history, throughput = [], Throughput()
+    compiled_stages = set()
+
+    def save(step):
+        if checkpointer is not None:
+            checkpointer.save(step, {"params": params, "opt_state": opt_state, "carry": carry, "step": step})
+
+    with _SignalFlag() as signals:
+        while step < total_steps:
+            epoch, batch_in_epoch = divmod(step, steps_per_epoch)
+            index = stage_of_epoch[epoch]
+            trainable, _, step_fn = stage_parts(index)
+            if batch_in_epoch == 0:
+                opt_state = initial_opt_state(index, params) if (epoch == 0 or stage_of_epoch[epoch - 1] != index) \
+                    else opt_state
+                carry = new_epoch_carry(carry)
+            elif opt_state is None:
+                opt_state = initial_opt_state(index, params)
+            losses_sum, n = 0.0, 0
+            for batch_index, batch in enumerate(epoch_batches(epoch)):
+                if batch_index < batch_in_epoch:
+                    continue
+                if batch_index >= steps_per_epoch or step >= total_steps:
+                    break
+                key = jax.random.fold_in(base_key, step)
+                (new_params, new_opt_state, new_carry, metrics), seconds = timed(
+                    step_fn, params, opt_state, carry, batch, key, trainable)
+                loss = float(metrics["loss"])
+                if not math.isfinite(loss):
+                    raise FloatingPointError(
+                        f"loss is {loss} at step {step}; stopped, the last good checkpoint is kept"
+                        + (f" in {checkpointer.directory}" if checkpointer is not None else ""))
+                params, opt_state, carry = new_params, new_opt_state, new_carry
+                throughput.record(seconds, int(metrics["tokens"]), compiled=index not in compiled_stages)
+                compiled_stages.add(index)
+                losses_sum, n, step = losses_sum + loss, n + 1, step + 1
+                if signals.received is not None:
+                    save(step)
+                    raise Interrupted(step)
+            if step % steps_per_epoch and step < total_steps:
+                raise RuntimeError(f"epoch {epoch} gave fewer than the {steps_per_epoch} batches expected")
+            record = {"epoch": epoch, "step": step, "train_loss": losses_sum / max(n, 1),
+                      "trainable": sorted(trainable), "tokens_per_s": throughput.tokens_per_second}
+            record.update(evaluate(params, carry))
+            history.append(record)
+            _log(log, record)
+            save(step)
+            if on_epoch_end is not None:
+                on_epoch_end(record, params, carry)
+    return params, carry, history, throughput
+
+
 def _log(log, record):
     if log is not None:
         log(record)
@@ -185,65 +311,55 @@ def _log(log, record):
 def fit_language_model(params, config: LanguageModelConfig, train_documents, valid_documents, stages, *,
                        batch_size: int = 64, bptt: int = 70, seed: int = 0, backwards: bool = False,
                        regularization: RegularizationConfig = RegularizationConfig(), max_steps: int | None = None,
-                       compute_dtype=None, mesh=None, log=None):
+                       compute_dtype=None, mesh=None, checkpointer=None, log=None, on_epoch_end=None):
     """Train an LM over `stages`; validation loss / perplexity / accuracy after every epoch.
 
-    train_documents, valid_documents: lists of int32 token arrays. The last, shorter window of an
-    epoch is dropped in training (every step has one shape); validation uses all of it.
-    Returns (params, history: list of per-epoch records, throughput).
+    train_documents, valid_documents: lists of int32 token arrays (documents are shuffled each
+    epoch and concatenated: fastai's LMDataLoader). The last, shorter window of an epoch is dropped
+    in training, so every step has one shape; validation uses all of it.
+    Returns (params, history: per-epoch records, throughput).
     """
     from ulmfit_jax.evaluation import evaluate_language_model
-    from ulmfit_jax.text.batches import LMBatchSettings, concatenate_documents, lm_epoch
-    from ulmfit_jax import parallel
+    from ulmfit_jax.text.batches import LMBatchSettings, concatenate_documents, lm_epoch, lm_layout
     mesh = parallel.data_mesh() if mesh is None else mesh
-    kind = "lm"
-    labels = optim.layer_group_labels(params, kind)
-    count = optim.n_groups(labels)
+    labels = optim.layer_group_labels(params, "lm")
     settings = LMBatchSettings(batch_size=batch_size, seq_len=bptt, backwards=backwards)
+    n_tokens = sum(len(d) for d in train_documents)
+    if n_tokens <= batch_size * bptt:
+        raise ValueError(f"the training set has {n_tokens} tokens: too few for one batch of {batch_size} x {bptt}")
+    row_length, _, _ = lm_layout(n_tokens, batch_size, bptt)
+    steps_per_epoch = row_length // bptt
     valid_stream = concatenate_documents(valid_documents, backwards=backwards) if valid_documents else None
-    rng = np.random.default_rng(seed)
-    base_key = jax.random.PRNGKey(seed)
-    params = parallel.replicate(params, mesh)
-    history, throughput, step, epoch = [], Throughput(), 0, 0
-    for stage in stages:
-        trainable = optim.unfreeze(count) if stage.trainable is None else frozenset(stage.trainable)
-        steps_per_epoch = sum(1 for b in lm_epoch(train_documents, settings, np.random.default_rng(0))
-                              if b.length == bptt)
-        optimizer = optim.make_optimizer(stage.optimizer, params, kind, stage.epochs * steps_per_epoch, trainable)
+
+    def build_stage(stage, trainable, stage_steps):
+        optimizer = optim.make_optimizer(stage.optimizer, params, "lm", stage_steps, trainable)
         train_step, _ = make_language_model_steps(config, optimizer, labels, regularization=regularization,
                                                   train_bn=stage.optimizer.train_bn, compute_dtype=compute_dtype)
-        opt_state = parallel.replicate(optimizer.init(optim.split_trainable(params, labels, trainable,
-                                                                           stage.optimizer.train_bn)[0]), mesh)
-        compiled = False
-        for _ in range(stage.epochs):
-            state = parallel.shard_batch(encoder.initial_state(config.encoder, batch_size), mesh)
-            losses_sum, n = 0.0, 0
-            for batch in lm_epoch(train_documents, settings, rng):
-                if batch.length != bptt:
-                    continue
-                tokens, targets = parallel.shard_batch((batch.inputs, batch.targets), mesh)
-                key = jax.random.fold_in(base_key, step)
-                (params, opt_state, state, metrics), seconds = timed(
-                    train_step, params, opt_state, state, tokens, targets, key, trainable)
-                throughput.record(seconds, batch.inputs.size, compiled=not compiled)
-                compiled = True
-                loss = float(metrics["loss"])
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss} at step {step}")
-                losses_sum, n, step = losses_sum + loss, n + 1, step + 1
-                if max_steps is not None and step >= max_steps:
-                    break
-            record = {"epoch": epoch, "step": step, "train_loss": losses_sum / max(n, 1),
-                      "trainable": sorted(trainable), "tokens_per_s": throughput.tokens_per_second}
-            if valid_stream is not None:
-                record.update({f"valid_{k}": v for k, v in evaluate_language_model(
-                    params, config, valid_stream, batch_size=min(batch_size, (len(valid_stream) - 1)),
-                    bptt=bptt).items()})
-            history.append(record)
-            _log(log, record)
-            epoch += 1
-            if max_steps is not None and step >= max_steps:
-                return params, history, throughput
+
+        def step_fn(params, opt_state, state, batch, key, trainable):
+            params, opt_state, state, metrics = train_step(params, opt_state, state, *batch, key, trainable)
+            return params, opt_state, state, dict(metrics, tokens=batch[0].size)
+        return optimizer, step_fn
+
+    def epoch_batches(epoch):
+        for batch in lm_epoch(train_documents, settings, np.random.default_rng([seed, epoch])):
+            yield parallel.shard_batch((batch.inputs, batch.targets), mesh)
+
+    def evaluate(params, _state):
+        if valid_stream is None:
+            return {}
+        result = evaluate_language_model(params, config, valid_stream,
+                                         batch_size=max(1, min(batch_size, (len(valid_stream) - 1) // bptt)),
+                                         bptt=bptt)
+        return {f"valid_{k}": v for k, v in result.items()}
+
+    state = encoder.initial_state(config.encoder, batch_size)
+    params, _, history, throughput = _run_stages(
+        stages, steps_per_epoch, kind="lm", params=parallel.replicate(params, mesh),
+        carry=parallel.shard_batch(state, mesh), build_stage=build_stage, epoch_batches=epoch_batches,
+        new_epoch_carry=lambda _: parallel.shard_batch(encoder.initial_state(config.encoder, batch_size), mesh),
+        place_carry=lambda state: parallel.shard_batch(state, mesh), evaluate=evaluate, seed=seed, mesh=mesh, checkpointer=checkpointer, max_steps=max_steps, log=log,
+        on_epoch_end=on_epoch_end)
     return params, history, throughput
 
 
@@ -267,57 +383,58 @@ def classification_metrics(probabilities: np.ndarray, labels: np.ndarray) -> dic
             "macro_f1": macro_f1(predictions, labels, probabilities.shape[1])}
 
 
+def classifier_batch_settings(config: ClassifierConfig, batch_size: int, backwards: bool = False):
+    """Batches for `config`: windows of its bptt, lengths bucketed to multiples of bptt (few shapes)."""
+    from ulmfit_jax.text.batches import ClassifierBatchSettings
+    return ClassifierBatchSettings(batch_size=batch_size, seq_len=config.bptt, max_len=None,
+                                   bucket_multiple=config.bptt, backwards=backwards)
+
+
 def fit_classifier(params, batch_stats, config: ClassifierConfig, train_documents, train_labels,
                    valid_documents, valid_labels, stages, *, batch_size: int = 64, seed: int = 0,
                    backwards: bool = False, regularization: RegularizationConfig = RegularizationConfig(),
-                   max_steps: int | None = None, compute_dtype=None, mesh=None, log=None):
+                   max_steps: int | None = None, compute_dtype=None, mesh=None, checkpointer=None, log=None,
+                   on_epoch_end=None):
     """Train the classifier over `stages` (gradual unfreezing: one stage per trainable set).
 
     Returns (params, batch_stats, history, throughput).
     """
-    from ulmfit_jax.text.batches import ClassifierBatchSettings, classifier_batches
-    from ulmfit_jax import parallel
+    from ulmfit_jax.text.batches import classifier_batches
     mesh = parallel.data_mesh() if mesh is None else mesh
-    kind = "classifier"
-    labels = optim.layer_group_labels(params, kind)
-    count = optim.n_groups(labels)
-    settings = ClassifierBatchSettings(batch_size=batch_size, seq_len=config.bptt, max_len=None,
-                                       bucket_multiple=config.bptt, backwards=backwards)
-    rng = np.random.RandomState(seed)
-    base_key = jax.random.PRNGKey(seed)
-    params, batch_stats = parallel.replicate((params, batch_stats), mesh)
+    labels = optim.layer_group_labels(params, "classifier")
+    settings = classifier_batch_settings(config, batch_size, backwards)
     steps_per_epoch = len(train_documents) // batch_size
-    history, throughput, step, epoch = [], Throughput(), 0, 0
-    for stage in stages:
-        trainable = optim.unfreeze(count) if stage.trainable is None else frozenset(stage.trainable)
-        optimizer = optim.make_optimizer(stage.optimizer, params, kind, stage.epochs * steps_per_epoch, trainable)
-        train_step, predict = make_classifier_steps(config, optimizer, labels, regularization=regularization,
-                                                    train_bn=stage.optimizer.train_bn, compute_dtype=compute_dtype)
-        opt_state = parallel.replicate(optimizer.init(optim.split_trainable(params, labels, trainable,
-                                                                           stage.optimizer.train_bn)[0]), mesh)
-        shapes_seen = set()
-        for _ in range(stage.epochs):
-            losses_sum, n = 0.0, 0
-            for batch in classifier_batches(train_documents, train_labels, settings, train=True, rng=rng):
-                tokens, targets = parallel.shard_batch((batch.tokens, batch.labels), mesh)
-                key = jax.random.fold_in(base_key, step)
-                (params, batch_stats, opt_state, metrics), seconds = timed(
-                    train_step, params, batch_stats, opt_state, tokens, targets, key, trainable)
-                throughput.record(seconds, int(batch.lengths.sum()), compiled=batch.tokens.shape not in shapes_seen)
-                shapes_seen.add(batch.tokens.shape)
-                loss = float(metrics["loss"])
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss} at step {step}")
-                losses_sum, n, step = losses_sum + loss, n + 1, step + 1
-                if max_steps is not None and step >= max_steps:
-                    break
-            record = {"epoch": epoch, "step": step, "train_loss": losses_sum / max(n, 1), "trainable": sorted(trainable)}
-            if valid_documents is not None:
-                probabilities = predict_classifier(predict, params, batch_stats, valid_documents, settings)
-                record.update({f"valid_{k}": v for k, v in classification_metrics(probabilities, valid_labels).items()})
-            history.append(record)
-            _log(log, record)
-            epoch += 1
-            if max_steps is not None and step >= max_steps:
-                return params, batch_stats, history, throughput
+    if steps_per_epoch < 1:
+        raise ValueError(f"the training set has {len(train_documents)} documents: fewer than one batch of {batch_size}")
+    predict = classifier_predictor(config, compute_dtype)
+
+    def build_stage(stage, trainable, stage_steps):
+        optimizer = optim.make_optimizer(stage.optimizer, params, "classifier", stage_steps, trainable)
+        train_step, _ = make_classifier_steps(config, optimizer, labels, regularization=regularization,
+                                              train_bn=stage.optimizer.train_bn, compute_dtype=compute_dtype)
+
+        def step_fn(params, opt_state, batch_stats, batch, key, trainable):
+            tokens, targets, n_tokens = batch
+            params, batch_stats, opt_state, metrics = train_step(params, batch_stats, opt_state, tokens, targets,
+                                                                 key, trainable)
+            return params, opt_state, batch_stats, dict(metrics, tokens=n_tokens)
+        return optimizer, step_fn
+
+    def epoch_batches(epoch):
+        rng = np.random.RandomState([seed, epoch])
+        for batch in classifier_batches(train_documents, train_labels, settings, train=True, rng=rng):
+            yield (*parallel.shard_batch((batch.tokens, batch.labels), mesh), int(batch.lengths.sum()))
+
+    def evaluate(params, batch_stats):
+        if valid_documents is None:
+            return {}
+        probabilities = predict_classifier(predict, params, batch_stats, valid_documents, settings)
+        return {f"valid_{k}": v for k, v in classification_metrics(probabilities, valid_labels).items()}
+
+    params, batch_stats, history, throughput = _run_stages(
+        stages, steps_per_epoch, kind="classifier", params=parallel.replicate(params, mesh),
+        carry=parallel.replicate(batch_stats, mesh), build_stage=build_stage, epoch_batches=epoch_batches,
+        new_epoch_carry=lambda stats: stats, place_carry=lambda stats: parallel.replicate(stats, mesh),
+        evaluate=evaluate, seed=seed, mesh=mesh, checkpointer=checkpointer,
+        max_steps=max_steps, log=log, on_epoch_end=on_epoch_end)
     return params, batch_stats, history, throughput

@@ -1,0 +1,114 @@
+"""Training steps and loops: freezing, compile counts, resuming, several devices."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ulmfit_jax import checkpoint, models, optim, parallel, train
+from ulmfit_jax.config import awd_lstm_clas_config, awd_lstm_lm_config
+
+LM_CONFIG = awd_lstm_lm_config(40, emb_size=8, n_hidden=12, n_layers=2)
+CLAS_CONFIG = awd_lstm_clas_config(40, 3, emb_size=8, n_hidden=12, n_layers=2, bptt=6)
+
+
+def documents(n, seed=0, low=5, high=20):
+    """Runs of consecutive ids (mod 38, from 2): a language model can learn them."""
+    rng = np.random.default_rng(seed)
+    return [((rng.integers(0, 38) + np.arange(rng.integers(low, high))) % 38 + 2).astype(np.int32)
+            for _ in range(n)]
+
+
+def test_frozen_groups_stay_bit_identical_and_each_stage_compiles_once():
+    params = models.init_language_model(jax.random.PRNGKey(0), LM_CONFIG)
+    labels = optim.layer_group_labels(params, "lm")
+    config = optim.OptimizerConfig(learning_rate=1e-2)
+    rng = np.random.default_rng(0)
+    batches = [(jnp.asarray(rng.integers(0, 40, (4, 5))), jnp.asarray(rng.integers(0, 40, (4, 5)))) for _ in range(3)]
+    initial = jax.tree.map(np.array, params)
+    state = models.encoder.initial_state(LM_CONFIG.encoder, 4)
+    for trainable in (optim.freeze(3), optim.freeze_to(-2, 3)):
+        optimizer = optim.make_optimizer(config, params, "lm", 10, trainable)
+        train_step, _ = train.make_language_model_steps(LM_CONFIG, optimizer, labels)
+        opt_state = optimizer.init(optim.split_trainable(params, labels, trainable)[0])
+        stage_start = jax.tree.map(np.array, params)
+        for step, (tokens, targets) in enumerate(batches):
+            params, opt_state, state, metrics = train_step(params, opt_state, state, tokens, targets,
+                                                           jax.random.PRNGKey(step), trainable)
+        assert train_step._cache_size() == 1
+        flat_labels = jax.tree.leaves(labels)
+        for label, before, after in zip(flat_labels, jax.tree.leaves(stage_start), jax.tree.leaves(params)):
+            if label in trainable:
+                assert not np.array_equal(before, after)
+            else:
+                np.testing.assert_array_equal(before, after)
+    # the first rnn layer was frozen throughout
+    np.testing.assert_array_equal(initial["encoder"]["rnn"][0]["w_hh"], params["encoder"]["rnn"][0]["w_hh"])
+
+
+def _fit_lm(max_steps=None, checkpointer=None, mesh=None):
+    params = models.init_language_model(jax.random.PRNGKey(1), LM_CONFIG)
+    stages = [train.Stage(1, optim.OptimizerConfig(learning_rate=5e-2), optim.freeze(3)),
+              train.Stage(2, optim.OptimizerConfig(learning_rate=3e-2))]
+    return train.fit_language_model(params, LM_CONFIG, documents(16), documents(4, seed=1), stages, batch_size=4,
+                                    bptt=5, seed=3, max_steps=max_steps, checkpointer=checkpointer, mesh=mesh)
+
+
+def test_language_model_learns_and_a_stopped_run_resumes_exactly(tmp_path):
+    params, history, throughput = _fit_lm()
+    assert len(history) == 3 and history[-1]["valid_loss"] < history[0]["valid_loss"]
+    assert throughput.tokens > 0 and throughput.compile_seconds > 0
+
+    steps_per_epoch = history[0]["step"]
+    stop_at = steps_per_epoch + 3                     # mid-epoch, in the second stage
+    checkpointer = checkpoint.TrainingCheckpointer(tmp_path / "ckpt")
+    _, partial, _ = _fit_lm(max_steps=stop_at, checkpointer=checkpointer)
+    assert checkpointer.latest_step() == stop_at
+    resumed, rest, _ = _fit_lm(checkpointer=checkpoint.TrainingCheckpointer(tmp_path / "ckpt"))
+    jax.tree.map(np.testing.assert_array_equal, resumed, params)
+    assert rest[-1]["valid_loss"] == history[-1]["valid_loss"]
+
+
+def test_four_devices_give_the_losses_and_parameters_of_one():
+    assert jax.device_count() >= 4, "conftest forces 4 CPU devices"
+    one, history_one, _ = _fit_lm(max_steps=8, mesh=parallel.data_mesh(jax.devices()[:1]))
+    four, history_four, _ = _fit_lm(max_steps=8, mesh=parallel.data_mesh(jax.devices()[:4]))
+    assert four["encoder"]["embed"].sharding.num_devices == 4
+    np.testing.assert_allclose(history_four[-1]["train_loss"], history_one[-1]["train_loss"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5), four, one)
+
+
+def test_classifier_learns_a_separable_task_with_gradual_unfreezing():
+    # Equal lengths and many small batches: the pooled features of this toy task vary little
+    # (variance ~1e-4), so batch norm's running variance needs ~100 steps to forget its initial 1.
+    docs = documents(96, seed=2, low=5, high=6)
+    labels = np.array([int(d[0]) % 3 for d in docs])           # the class is in the first token
+    config = dataclasses.replace(awd_lstm_clas_config(40, 3, emb_size=8, n_hidden=12, n_layers=2, bptt=6,
+                                                      drop_mult=0.0), head_ps=(0.0, 0.0))
+    params, stats = models.init_classifier(jax.random.PRNGKey(0), config)
+    stage = lambda epochs, lr, trainable: train.Stage(epochs, optim.OptimizerConfig(
+        learning_rate=optim.Slice(lr / 2.6 ** 3, lr)), trainable)
+    stages = [stage(1, 3e-2, optim.freeze_to(-1, 4)), stage(1, 3e-2, optim.freeze_to(-2, 4)), stage(6, 3e-2, None)]
+    initial_embed = np.array(params["encoder"]["embed"])
+    params, stats, history, _ = train.fit_classifier(params, stats, config, docs, labels, docs, labels, stages,
+                                                     batch_size=8, seed=0)
+    assert [h["trainable"] for h in history[:3]] == [[3], [2, 3], [0, 1, 2, 3]]
+    assert history[-1]["valid_accuracy"] > 0.55 and history[-1]["valid_accuracy"] > history[0]["valid_accuracy"]
+    assert not np.array_equal(initial_embed, params["encoder"]["embed"])
+
+
+def test_nan_loss_stops_with_the_step_named(tmp_path):
+    params = models.init_language_model(jax.random.PRNGKey(1), LM_CONFIG)
+    params["decoder"]["bias"] = params["decoder"]["bias"].at[3].set(jnp.nan)
+    with pytest.raises(FloatingPointError, match="loss is nan at step 0"):
+        train.fit_language_model(params, LM_CONFIG, documents(30), None,
+                                 [train.Stage(1, optim.OptimizerConfig())], batch_size=4, bptt=5,
+                                 checkpointer=checkpoint.TrainingCheckpointer(tmp_path / "c"))
+
+
+def test_macro_f1_by_hand():
+    predictions, targets = np.array([0, 0, 1, 2, 2]), np.array([0, 1, 1, 2, 0])
+    # class 0: tp 1 fp 1 fn 1 -> 0.5; class 1: tp 1 fp 0 fn 1 -> 2/3; class 2: tp 1 fp 1 fn 0 -> 2/3
+    assert train.macro_f1(predictions, targets, 3) == pytest.approx((0.5 + 2 / 3 + 2 / 3) / 3)
