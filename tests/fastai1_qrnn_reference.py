@@ -15,8 +15,9 @@ returned cell).
 
 Jobs (a JSON list):
 - {"kind": "lm", "name", "seed", "config": get_language_model config, "tokens": npz path with
-  `stream` int64[B, W*bptt + 1], "bptt", "n_windows"}: builds `get_language_model(AWD_LSTM, V,
-  config)` (config has qrnn=True), writes `NAME.pth` (its state dict) and `NAME.npz` with
+  `stream` int64[B, W*bptt + 1], "bptt", "n_windows", "init_scale"}: builds `get_language_model(
+  AWD_LSTM, V, config)` (config has qrnn=True), redraws its parameters from U(-init_scale, init_scale)
+  (fastai's own init gives logits too small to tell models apart), writes `NAME.pth` (its state dict) and `NAME.npz` with
   `logits_w` (eval mode, state carried across the W windows) and `grad/KEY` (train mode with every
   dropout set to 0: state carried through W windows, loss = cross-entropy + AR + TAR on the last).
 - {"kind": "layer", "name", "seed", "input_size", "hidden_size", "bidirectional", "window",
@@ -91,6 +92,12 @@ def run_language_model(job, out_dir: Path) -> None:
     torch.manual_seed(job["seed"])
     config = dict(job["config"])
     model = get_language_model(AWD_LSTM, job["vocab_size"], config=config)
+    # fastai's init makes tiny logits (embedding U(-0.1, 0.1)), so that even a wrong model can come
+    # within the tolerances: draw every parameter from U(-scale, scale) instead, padding row zero.
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.uniform_(-job["init_scale"], job["init_scale"])
+        model[0].encoder.weight[config["pad_token"]] = 0.0
     torch.save(model.state_dict(), out_dir / f"{job['name']}.pth")
     stream = np.load(job["tokens"])["stream"]
     bptt, n_windows = job["bptt"], job["n_windows"]

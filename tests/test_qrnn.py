@@ -384,7 +384,7 @@ def fastai1(tmp_path_factory):
                       embed_p=0.02, weight_p=0.2, out_bias=True)
         jobs.append(dict(kind="lm", name=name, seed=seed, vocab_size=vocab_size, config=config,
                          tokens=str(out / f"{name}-tokens.npz"), bptt=BPTT, n_windows=N_WINDOWS, alpha=ALPHA,
-                         beta=BETA))
+                         beta=BETA, init_scale=0.5))
     for seed, spec in enumerate(LAYER_SPECS):
         n_dir = 2 if spec["bidirectional"] else 1
         steps = BPTT * N_WINDOWS
