@@ -28,13 +28,17 @@ from ulmfit_jax.config import ClassifierConfig, EncoderConfig, LanguageModelConf
 # Configs <-> JSON
 
 def config_to_dict(config) -> dict:
-    kind = {LanguageModelConfig: "language_model", ClassifierConfig: "classifier"}[type(config)]
-    return {"kind": kind, "config": dataclasses.asdict(config)}
+    kind = {LanguageModelConfig: "language_model", ClassifierConfig: "classifier", EncoderConfig: "encoder"}
+    if isinstance(config, EncoderConfig):
+        return {"kind": "encoder", "config": {"encoder": dataclasses.asdict(config)}}
+    return {"kind": kind[type(config)], "config": dataclasses.asdict(config)}
 
 
 def config_from_dict(data: dict):
     fields = dict(data["config"])
     encoder = EncoderConfig(**fields.pop("encoder"))
+    if data["kind"] == "encoder":
+        return encoder
     if data["kind"] == "language_model":
         return LanguageModelConfig(encoder=encoder, **fields)
     if data["kind"] == "classifier":
@@ -125,14 +129,29 @@ def load_model(directory) -> dict:
     stats = {k[len("batch_stats/"):]: v for k, v in flat.items() if k.startswith("batch_stats/")}
     params = unflatten_tree({k: v for k, v in flat.items() if not k.startswith("batch_stats/")})
     vocab = json.loads((directory / "vocab.json").read_text())
-    if len(vocab) != config.encoder.vocab_size:
-        raise ValueError(f"{directory}: vocab.json has {len(vocab)} tokens, the model {config.encoder.vocab_size}")
+    vocab_size = (config if isinstance(config, EncoderConfig) else config.encoder).vocab_size
+    if len(vocab) != vocab_size:
+        raise ValueError(f"{directory}: vocab.json has {len(vocab)} tokens, the model {vocab_size}")
     model = {"config": config, "params": params, "vocab": vocab}
     if isinstance(config, ClassifierConfig):
         model["batch_stats"] = unflatten_tree(stats)
         classes_file = directory / "classes.json"
         model["classes"] = json.loads(classes_file.read_text()) if classes_file.is_file() else None
     return model
+
+
+def save_encoder(directory, config: EncoderConfig, encoder_params, vocab: list[str]) -> None:
+    """fastai's `save_encoder`: the part of a model that moves into a new one (embedding + RNN)."""
+    save_model(directory, config, encoder_params, vocab)
+
+
+def load_encoder(directory) -> tuple[EncoderConfig, dict, list[str]]:
+    """fastai's `load_encoder`, from an encoder directory or any model directory (its encoder part)."""
+    model = load_model(directory)
+    config = model["config"]
+    if isinstance(config, EncoderConfig):
+        return config, model["params"], model["vocab"]
+    return config.encoder, model["params"]["encoder"], model["vocab"]
 
 
 # ----------------------------------------------------------------------------------------------

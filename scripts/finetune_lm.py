@@ -1,0 +1,99 @@
+#!/usr/bin/env python
+"""ULMFiT stage 2: fine-tune a pretrained language model on the target domain.
+
+  python scripts/finetune_lm.py --data data/imdb --pretrained runs/lm/best --out runs/imdb_lm
+  python scripts/finetune_lm.py --data data/imdb --pretrained-fastai lstm_fwd.pth \\
+      --pretrained-vocab itos_wt103.pkl --out runs/imdb_lm
+
+The pretrained model (ulmfit_jax model directory, or fastai weights + vocabulary pickle) moves to the
+data's vocabulary as fastai's `match_embeds` does; the last layer group (embedding + decoder)
+trains alone for `--freeze-epochs` at `--frozen-lr`, then every group for `--epochs` at `--lr`
+(fastai's tutorial: 1 epoch at 1e-2, then 10 at 1e-3). Text of the train and unsup splits is used
+(`--include-test-text` adds the test split's), labels are not. Writes `out/best`, `out/last`, `out/encoder` (for train_classifier.py --encoder). Last stdout
+line: JSON.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ulmfit_jax import checkpoint, cli, convert, optim, train  # noqa: E402
+from ulmfit_jax.config import LanguageModelConfig  # noqa: E402
+
+
+def load_pretrained(args):
+    if args.pretrained is not None:
+        model = checkpoint.load_model(args.pretrained)
+        if not isinstance(model["config"], LanguageModelConfig):
+            raise SystemExit(f"error: {args.pretrained} is not a language model")
+        return model["config"], model["params"], model["vocab"]
+    if args.pretrained_fastai is None or args.pretrained_vocab is None:
+        raise SystemExit("error: give --pretrained DIR, or --pretrained-fastai W.pth with --pretrained-vocab itos.pkl")
+    from ulmfit_jax.text.vocab import load_vocab_pickle
+    config, params = convert.import_language_model(convert.read_state_dict(args.pretrained_fastai))
+    vocab = load_vocab_pickle(args.pretrained_vocab)
+    if len(vocab) != config.encoder.vocab_size:
+        raise SystemExit(f"error: {args.pretrained_vocab} has {len(vocab)} tokens, the weights "
+                         f"{config.encoder.vocab_size}")
+    return config, params, vocab
+
+
+def main(argv=None):
+    started = time.time()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_common_flags(parser, default_lr=1e-3, default_epochs=10)
+    parser.add_argument("--pretrained", type=Path, help="ulmfit_jax language model directory")
+    parser.add_argument("--pretrained-fastai", type=Path, help="fastai LM weights (.pth)")
+    parser.add_argument("--pretrained-vocab", type=Path, help="fastai vocabulary pickle for --pretrained-fastai")
+    parser.add_argument("--freeze-epochs", type=int, default=1)
+    parser.add_argument("--frozen-lr", type=float, default=1e-2)
+    parser.add_argument("--include-test-text", action="store_true",
+                        help="also fine-tune on the test split's text (no labels; fastai's IMDb notebooks do)")
+    args = parser.parse_args(argv)
+    cli.start(args)
+    data = cli.load_data(args)
+    pretrained_config, params, pretrained_vocab = load_pretrained(args)
+    params = convert.match_embeddings(jax.tree.map(np.asarray, params), pretrained_vocab, data.vocab)
+    encoder = pretrained_config.encoder
+    config = cli.language_model_config(args, len(data.vocab))
+    config = LanguageModelConfig(
+        encoder=type(encoder)(**{**encoder.__dict__, "vocab_size": len(data.vocab),
+                                 **{k: getattr(config.encoder, k) for k in ("hidden_p", "input_p", "embed_p",
+                                                                             "weight_p")}}),
+        output_p=config.output_p, tie_weights=pretrained_config.tie_weights, out_bias=pretrained_config.out_bias)
+    documents, _ = cli.split_documents(data, ("train", "unsup", "test") if args.include_test_text else ("train", "unsup"))
+    train_docs, _, valid_docs, _ = cli.validation_split(data, documents, None, args.seed)
+    n_groups = optim.n_groups(optim.layer_group_labels(params, "lm"))
+    stages = [train.Stage(args.epochs, cli.optimizer_config(args, args.lr, n_groups))]
+    if args.freeze_epochs:
+        stages.insert(0, train.Stage(args.freeze_epochs, cli.optimizer_config(args, args.frozen_lr, n_groups),
+                                     optim.freeze(n_groups)))
+    log = cli.RunLog(args.out, "finetune")
+
+    def fit(checkpointer):
+        return train.fit_language_model(
+            params, config, train_docs, valid_docs, stages, batch_size=args.bs, bptt=args.bptt, seed=args.seed,
+            backwards=args.backwards, max_steps=args.max_steps, compute_dtype=cli.compute_dtype(args),
+            checkpointer=checkpointer, log=log,
+            on_epoch_end=cli.best_and_last(args.out, config, data.vocab, "valid_loss", lower_is_better=True))
+
+    try:
+        final_params, history, throughput = cli.run_training(fit, log, started, args.out / "checkpoints")
+    except ValueError as error:
+        raise SystemExit(f"error: {error}")
+    best = checkpoint.load_model(args.out / "best") if (args.out / "best").exists() else None
+    encoder_params = best["params"]["encoder"] if best else jax.tree.map(np.asarray, final_params["encoder"])
+    checkpoint.save_encoder(args.out / "encoder", config.encoder, encoder_params, data.vocab)
+    final = history[-1] if history else {}
+    cli.finish({"stage": "finetune", "encoder": str(args.out / "encoder"), **{k: final.get(k) for k in (
+        "epoch", "step", "train_loss", "valid_loss", "valid_perplexity", "valid_accuracy")}}, throughput, started)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+#!/usr/bin/env python
+"""ULMFiT stage 3: a classifier on the fine-tuned encoder, with gradual unfreezing.
+
+  python scripts/train_classifier.py --data data/trec --encoder runs/trec_lm/encoder --out runs/trec_clas
+
+Gradual unfreezing as fastai's tutorial: the head alone for one epoch at `--lr`, then the last two
+groups at lr/2, the last three at lr/4, each for one epoch with discriminative rates
+`slice(lr_k / 2.6**4, lr_k)`, then every group for `--epochs` at lr/20 (`--chain-thaw`: the paper's
+alternative). Schedules: one-cycle (`--preset fastai`) or STLR (`--preset paper`). Without
+`--encoder` the classifier trains from scratch (every group, `--epochs` + 3 epochs). Validation on
+'valid' / 'dev' (or 10% of train), test metrics at the end when the data has a test split. Writes
+`out/best`, `out/last`, metrics and plots; last stdout line JSON.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ulmfit_jax import checkpoint, cli, models, optim, train  # noqa: E402
+
+FACTOR = 2.6
+
+
+def stages_for(args, n_groups, from_scratch):
+    config = lambda lr: cli.optimizer_config(args, optim.Slice(lr / FACTOR ** (n_groups - 1), lr), n_groups)
+    if from_scratch:
+        return [train.Stage(args.epochs + 3, config(args.lr / 4))]
+    if args.chain_thaw:
+        # the paper's chain-thaw: the head, then each group alone from the bottom, then all
+        return ([train.Stage(1, config(args.lr), frozenset({n_groups - 1}))]
+                + [train.Stage(1, config(args.lr / 10), frozenset({g})) for g in range(n_groups - 1)]
+                + [train.Stage(args.epochs, config(args.lr / 20))])
+    return [train.Stage(1, config(args.lr), optim.freeze_to(-1, n_groups)),
+            train.Stage(1, config(args.lr / 2), optim.freeze_to(-2, n_groups)),
+            train.Stage(1, config(args.lr / 4), optim.freeze_to(-3, n_groups)),
+            train.Stage(args.epochs, config(args.lr / 20))]
+
+
+def main(argv=None):
+    started = time.time()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_common_flags(parser, default_lr=2e-2, default_epochs=2)
+    parser.add_argument("--encoder", type=Path, help="fine-tuned encoder (finetune_lm.py's out/encoder)")
+    parser.add_argument("--chain-thaw", action="store_true")
+    args = parser.parse_args(argv)
+    cli.start(args)
+    data = cli.load_data(args)
+    if data.classes is None or data.splits.get("train") is None or data.splits["train"].labels is None:
+        raise SystemExit(f"error: {args.data} has no labelled train split")
+    documents, labels = cli.split_documents(data, ("train",))
+    if not documents:
+        raise SystemExit(f"error: {args.data}: the training set is empty")
+    train_docs, train_labels, valid_docs, valid_labels = cli.validation_split(data, documents, labels, args.seed)
+    config = cli.classifier_config(args, len(data.vocab), len(data.classes))
+    params, batch_stats = models.init_classifier(jax.random.PRNGKey(args.seed), config)
+    if args.encoder is not None:
+        encoder_config, encoder_params, encoder_vocab = checkpoint.load_encoder(args.encoder)
+        if encoder_vocab != data.vocab:
+            raise SystemExit(f"error: the encoder's vocabulary ({len(encoder_vocab)} tokens) is not the data's "
+                             f"({len(data.vocab)}): prepare the data with --vocab {args.encoder}/vocab.json")
+        config = type(config)(**{**config.__dict__, "encoder": type(encoder_config)(**{
+            **encoder_config.__dict__, **{k: getattr(config.encoder, k) for k in (
+                "hidden_p", "input_p", "embed_p", "weight_p")}})})
+        params, batch_stats = models.init_classifier(jax.random.PRNGKey(args.seed), config)
+        params["encoder"] = encoder_params
+    n_groups = optim.n_groups(optim.layer_group_labels(params, "classifier"))
+    stages = stages_for(args, n_groups, from_scratch=args.encoder is None)
+    log = cli.RunLog(args.out, "classifier")
+    regularization = train.RegularizationConfig(label_smoothing=cli.label_smoothing(args))
+
+    def fit(checkpointer):
+        return train.fit_classifier(
+            params, batch_stats, config, train_docs, train_labels, valid_docs, valid_labels, stages,
+            batch_size=args.bs, seed=args.seed, backwards=args.backwards, regularization=regularization,
+            max_steps=args.max_steps, compute_dtype=cli.compute_dtype(args), checkpointer=checkpointer, log=log,
+            on_epoch_end=cli.best_and_last(args.out, config, data.vocab, "valid_accuracy", lower_is_better=False,
+                                           classes=data.classes))
+
+    try:
+        final_params, final_stats, history, throughput = cli.run_training(fit, log, started, args.out / "checkpoints")
+    except ValueError as error:
+        raise SystemExit(f"error: {error}")
+    result = {"stage": "classifier", "model": str(args.out / "last")}
+    if history:
+        result.update({k: history[-1].get(k) for k in ("epoch", "step", "train_loss", "valid_loss", "valid_accuracy",
+                                                       "valid_macro_f1")})
+    if "test" in data.splits and data.splits["test"].labels is not None:
+        settings = train.classifier_batch_settings(config, args.bs, args.backwards)
+        probabilities = train.predict_classifier(train.classifier_predictor(config), final_params, final_stats,
+                                                 data.splits["test"].documents, settings)
+        metrics = train.classification_metrics(probabilities, np.asarray(data.splits["test"].labels))
+        result.update({f"test_{k}": v for k, v in metrics.items()})
+    cli.finish(result, throughput, started)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""What the training scripts share: flags, presets, run folders, metrics files and plots.
+
+Presets (`--preset`):
+- `fastai`: fastai 2.8.12's text recipes: one-cycle schedules (div 25, pct_start 0.25, moms
+  0.8/0.7/0.8), fastai's Adam (0.9/0.99 betas under the moms schedule, eps 1e-5), weight decay 0.01,
+  classifier drop_mult 0.5, LM drop_mult 1.0.
+- `paper`: Howard & Ruder (2018): slanted triangular learning rates (cut_frac 0.1, ratio 32), Adam
+  betas (0.7, 0.99), discriminative learning rates lr / 2.6 per group.
+- `multifit`: MultiFiT (Eisenschlos et al. 2019): 4-layer QRNN, 1550 hidden, one-cycle, classifier
+  label smoothing 0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+from ulmfit_jax import config as configs
+from ulmfit_jax import optim
+
+PRESETS = ("fastai", "paper", "multifit")
+
+
+def add_common_flags(parser: argparse.ArgumentParser, *, default_lr: float, default_epochs: int) -> None:
+    parser.add_argument("--data", type=Path, required=True, help="folder written by scripts/prepare_data.py")
+    parser.add_argument("--out", type=Path, required=True, help="run folder: model, checkpoints, metrics, plots")
+    parser.add_argument("--preset", choices=PRESETS, default="fastai")
+    parser.add_argument("--epochs", type=int, default=default_epochs)
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    parser.add_argument("--bs", type=int, default=64, help="batch size")
+    parser.add_argument("--bptt", type=int, default=70, help="BPTT window length")
+    parser.add_argument("--lr", type=float, default=default_lr, help="peak learning rate of the last group")
+    parser.add_argument("--wd", type=float, default=0.01, help="weight decay (decoupled, as fastai)")
+    parser.add_argument("--clip", type=float, default=None, help="clip the gradients' global norm")
+    parser.add_argument("--emb-sz", type=int, default=None, help="embedding size (preset: 400)")
+    parser.add_argument("--n-hid", type=int, default=None, help="hidden size (preset: 1152; multifit 1550)")
+    parser.add_argument("--n-layers", type=int, default=None, help="layers (preset: 3; multifit 4)")
+    parser.add_argument("--arch", choices=("lstm", "qrnn"), default=None, help="recurrent layer (preset: lstm)")
+    parser.add_argument("--drop-mult", type=float, default=None, help="scale every dropout")
+    parser.add_argument("--backwards", action="store_true", help="train on reversed documents")
+    parser.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="dtype of the matmuls (bfloat16 for TPU/GPU; float32 accumulation and state)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in --out")
+    parser.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() (multi-host)")
+
+
+def start(args) -> None:
+    """Set-up every script does first."""
+    if args.distributed:
+        from ulmfit_jax import parallel
+        parallel.initialize_distributed()
+    if args.epochs < 1 or args.bs < 1 or args.bptt < 1 or args.lr <= 0:
+        raise SystemExit("error: --epochs, --bs, --bptt and --lr must be positive")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+
+def compute_dtype(args):
+    import jax.numpy as jnp
+    return None if args.compute_dtype == "float32" else jnp.bfloat16
+
+
+def _architecture(args) -> dict:
+    arch = args.arch or ("qrnn" if args.preset == "multifit" else "lstm")
+    sizes = {"emb_size": args.emb_sz, "n_hidden": args.n_hid, "n_layers": args.n_layers}
+    return {"arch": arch, **{k: v for k, v in sizes.items() if v is not None}}
+
+
+def language_model_config(args, vocab_size: int, default_drop_mult: float = 1.0):
+    overrides = _architecture(args)
+    drop_mult = default_drop_mult if args.drop_mult is None else args.drop_mult
+    if args.preset == "multifit":
+        overrides.pop("arch")
+        return configs.multifit_lm_config(vocab_size, drop_mult=drop_mult, **overrides)
+    if overrides["arch"] == "qrnn":
+        overrides.pop("arch")
+        return configs.awd_qrnn_lm_config(vocab_size, drop_mult=drop_mult, **overrides)
+    return configs.awd_lstm_lm_config(vocab_size, drop_mult=drop_mult, **overrides)
+
+
+def classifier_config(args, vocab_size: int, n_classes: int):
+    overrides = dict(_architecture(args), bptt=args.bptt)
+    drop_mult = 0.5 if args.drop_mult is None else args.drop_mult
+    if args.preset == "multifit":
+        overrides.pop("arch")
+        return configs.multifit_clas_config(vocab_size, n_classes, drop_mult=drop_mult, **overrides)
+    if overrides["arch"] == "qrnn":
+        overrides.pop("arch")
+        return configs.awd_qrnn_clas_config(vocab_size, n_classes, drop_mult=drop_mult, **overrides)
+    return configs.awd_lstm_clas_config(vocab_size, n_classes, drop_mult=drop_mult, **overrides)
+
+
+def optimizer_config(args, learning_rate, n_groups: int) -> optim.OptimizerConfig:
+    """`learning_rate`: a number, an `optim.Slice`, or per-group values."""
+    if args.preset == "paper":
+        if isinstance(learning_rate, (int, float)):
+            learning_rate = optim.discriminative_lrs(learning_rate, n_groups)
+        return optim.OptimizerConfig(learning_rate=learning_rate, weight_decay=args.wd, beta1=0.7, beta2=0.99,
+                                     clip_norm=args.clip, schedule=optim.SlantedTriangular())
+    return optim.OptimizerConfig(learning_rate=learning_rate, weight_decay=args.wd, clip_norm=args.clip)
+
+
+def label_smoothing(args) -> float:
+    return 0.1 if args.preset == "multifit" else 0.0
+
+
+class RunLog:
+    """Metrics as JSON lines in `out/metrics.jsonl` (and on stdout), PNG plots at the end."""
+
+    def __init__(self, out: Path, stage: str):
+        self.path = out / "metrics.jsonl"
+        self.plot_path = out / f"{stage}_metrics.png"
+        self.stage = stage
+        self.records: list[dict] = []
+        self.started = time.time()
+
+    def __call__(self, record: dict) -> None:
+        record = {"stage": self.stage, **record}
+        self.records.append(record)
+        line = json.dumps(record)
+        with open(self.path, "a") as handle:
+            handle.write(line + "\n")
+        print(line, flush=True)
+
+    def plot(self) -> Path | None:
+        epochs = [r for r in self.records if "epoch" in r]
+        if not epochs:
+            return None
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        names = [k for k in epochs[-1] if k.startswith(("train_", "valid_")) and isinstance(epochs[-1][k], float)]
+        figure, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3), squeeze=False)
+        for axis, name in zip(axes[0], names):
+            axis.plot([r["epoch"] + 1 for r in epochs], [r.get(name) for r in epochs], marker="o")
+            axis.set_title(name)
+            axis.set_xlabel("epoch")
+        figure.tight_layout()
+        figure.savefig(self.plot_path)
+        plt.close(figure)
+        return self.plot_path
+
+
+def finish(result: dict, throughput, started: float) -> None:
+    """The last stdout line of every training script: JSON of its final metrics."""
+    result = dict(result, tokens_per_s=throughput.tokens_per_second, compile_seconds=throughput.compile_seconds,
+                  seconds=time.time() - started)
+    print(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in result.items()}), flush=True)
+
+
+def config_summary(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def data_dir_default() -> Path:
+    return Path(os.environ.get("ULMFIT_DATA_DIR", "../shared/data"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and runs
+
+def load_data(args):
+    from ulmfit_jax.text.datasets import load_prepared
+    try:
+        return load_prepared(args.data)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}")
+
+
+def split_documents(data, names):
+    """Concatenated documents (and labels) of the named splits that exist."""
+    import numpy as np
+    documents, labels = [], []
+    for name in names:
+        if name in data.splits:
+            documents += data.splits[name].documents
+            if data.splits[name].labels is not None:
+                labels.append(np.asarray(data.splits[name].labels))
+    return documents, (np.concatenate(labels) if labels else None)
+
+
+def validation_split(data, documents, labels, seed: int, valid_pct: float = 0.1):
+    """The data's 'valid' / 'dev' split, or a random `valid_pct` of the training documents (fastai's
+    `valid_pct`). -> (train_documents, train_labels, valid_documents, valid_labels)."""
+    import numpy as np
+    for name in ("valid", "dev"):
+        if name in data.splits:
+            split = data.splits[name]
+            return documents, labels, split.documents, split.labels
+    order = np.random.default_rng(seed).permutation(len(documents))
+    n_valid = max(1, int(len(documents) * valid_pct))
+    valid, train = order[:n_valid], order[n_valid:]
+    pick = lambda items, rows: None if items is None else [items[i] for i in rows]
+    return (pick(documents, train), None if labels is None else labels[train],
+            pick(documents, valid), None if labels is None else labels[valid])
+
+
+def run_training(fit, log: RunLog, started: float, checkpoint_dir: Path):
+    """Run `fit(checkpointer)`; on SIGINT / SIGTERM print where the checkpoint is and exit cleanly."""
+    import signal
+    import sys
+    from ulmfit_jax import checkpoint, train
+    checkpointer = checkpoint.TrainingCheckpointer(checkpoint_dir)
+    try:
+        return fit(checkpointer)
+    except train.Interrupted as interrupted:
+        print(json.dumps({"interrupted": True, "step": interrupted.step, "checkpoint": str(checkpoint_dir),
+                          "seconds": time.time() - started}), flush=True)
+        sys.exit(128 + signal.SIGINT)
+    except FloatingPointError as error:
+        raise SystemExit(f"error: {error}")
+    finally:
+        log.plot()
+
+
+def best_and_last(out: Path, config, vocab, metric: str, lower_is_better: bool, *, classes=None):
+    """An `on_epoch_end` that keeps `out/last` and the best epoch by `metric` in `out/best`."""
+    import jax
+    import numpy as np
+    from ulmfit_jax import checkpoint
+    best = {"value": None}
+
+    def on_epoch_end(record, params, carry):
+        host = jax.tree.map(np.asarray, params)
+        stats = jax.tree.map(np.asarray, carry) if classes is not None else None
+        checkpoint.save_model(out / "last", config, host, vocab, batch_stats=stats, classes=classes)
+        value = record.get(metric)
+        if value is None:
+            return
+        if best["value"] is None or (value < best["value"] if lower_is_better else value > best["value"]):
+            best["value"] = value
+            checkpoint.save_model(out / "best", config, host, vocab, batch_stats=stats, classes=classes)
+    return on_epoch_end
