@@ -27,8 +27,9 @@ import numpy as np  # noqa: E402
 
 from ulmfit_jax import checkpoint, convert, models, optim, train  # noqa: E402
 from ulmfit_jax.config import awd_lstm_clas_config, awd_lstm_lm_config  # noqa: E402
-from ulmfit_jax.text.tokenizers import TextTokenizer  # noqa: E402
-from ulmfit_jax.text.vocab import count_tokens, make_vocab, numericalize, token_to_id  # noqa: E402
+from ulmfit_jax.text.datasets import read_trec  # noqa: E402
+from ulmfit_jax.text.pipeline import tokenize_corpus  # noqa: E402
+from ulmfit_jax.text.vocab import make_vocab, token_to_id  # noqa: E402
 
 SOURCES = {
     "enwiki/AA.jsonl.gz": "English Wikipedia 2015 dump, shard AA (see ../shared/data/README.md)",
@@ -44,27 +45,16 @@ def check_data(data_dir: Path) -> None:
         raise SystemExit(f"error: data missing under {data_dir} (set --data-dir or ULMFIT_DATA_DIR):\n{lines}")
 
 
-def read_wikipedia(path: Path, max_tokens: int, tokenizer) -> list[list[str]]:
-    documents, total = [], 0
+def read_wikipedia_prefix(path: Path, max_words: int) -> list[str]:
+    """The first articles of the shard, up to about `max_words` whitespace-separated words."""
+    texts, words = [], 0
     with gzip.open(path, "rt", encoding="utf-8") as handle:
         for line in handle:
-            tokens = tokenizer(json.loads(line)["text"])
-            documents.append(tokens[:max_tokens - total])
-            total += len(documents[-1])
-            if total >= max_tokens:
+            texts.append(json.loads(line)["text"])
+            words += len(texts[-1].split())
+            if words >= max_words:
                 break
-    return documents
-
-
-def read_trec(path: Path, tokenizer) -> tuple[list[list[str]], list[str]]:
-    """TREC files: `COARSE:fine question` a line; train is ISO-8859-1."""
-    questions, labels = [], []
-    for line in path.read_text(encoding="latin-1").splitlines():
-        if line.strip():
-            label, question = line.split(" ", 1)
-            labels.append(label.split(":")[0])
-            questions.append(tokenizer(question))
-    return questions, labels
+    return texts
 
 
 def log_line(stage):
@@ -78,7 +68,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("ULMFIT_DATA_DIR", "../shared/data")))
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
-    parser.add_argument("--wiki-tokens", type=int, default=2_000_000, help="pretraining corpus size")
+    parser.add_argument("--wiki-words", type=int, default=2_000_000, help="pretraining corpus size (words)")
     parser.add_argument("--max-vocab", type=int, default=15000)
     parser.add_argument("--emb-sz", type=int, default=200)
     parser.add_argument("--n-hid", type=int, default=512)
@@ -94,29 +84,27 @@ def main(argv=None):
     args = parser.parse_args(argv)
     check_data(args.data_dir)
     start = time.time()
-    tokenizer = TextTokenizer()
-
-    trec_train, trec_train_labels = read_trec(args.data_dir / "trec/train_5500.label", tokenizer)
-    trec_test, trec_test_labels = read_trec(args.data_dir / "trec/TREC_10.label", tokenizer)
-    classes = sorted(set(trec_train_labels))
-    unknown = sorted(set(trec_test_labels) - set(classes))
+    trec = read_trec(args.data_dir / "trec")
+    trec_train = tokenize_corpus(trec.splits["train"].texts, progress=False)
+    trec_test = tokenize_corpus(trec.splits["test"].texts, progress=False)
+    classes = sorted(set(trec.splits["train"].labels))
+    unknown = sorted(set(trec.splits["test"].labels) - set(classes))
     if unknown:
         raise SystemExit(f"error: test labels absent from train: {unknown}")
-    trec_vocab = make_vocab(count_tokens(trec_train), min_freq=2)
+    trec_vocab = make_vocab(trec_train.counts(), min_freq=2)
     trec_index = token_to_id(trec_vocab)
-    trec_ids = [numericalize(q, trec_index) for q in trec_train]
-    test_ids = [numericalize(q, trec_index) for q in trec_test]
-    train_labels = np.array([classes.index(c) for c in trec_train_labels])
-    test_labels = np.array([classes.index(c) for c in trec_test_labels])
+    trec_ids, test_ids = trec_train.numericalize(trec_index), trec_test.numericalize(trec_index)
+    train_labels = np.array([classes.index(c) for c in trec.splits["train"].labels])
+    test_labels = np.array([classes.index(c) for c in trec.splits["test"].labels])
     sizes = dict(emb_size=args.emb_sz, n_hidden=args.n_hid, n_layers=args.n_layers)
 
     encoder_params = None
     if not args.from_scratch:
         # Stage 1: pretraining on Wikipedia
-        wiki = read_wikipedia(args.data_dir / "enwiki/AA.jsonl.gz", args.wiki_tokens, tokenizer)
-        wiki_vocab = make_vocab(count_tokens(wiki), min_freq=3, max_vocab=args.max_vocab)
-        wiki_index = token_to_id(wiki_vocab)
-        wiki_ids = [numericalize(d, wiki_index) for d in wiki]
+        wiki = tokenize_corpus(read_wikipedia_prefix(args.data_dir / "enwiki/AA.jsonl.gz", args.wiki_words),
+                               progress=False)
+        wiki_vocab = make_vocab(wiki.counts(), min_freq=3, max_vocab=args.max_vocab)
+        wiki_ids = wiki.numericalize(token_to_id(wiki_vocab))
         held_out = wiki_ids[-1][-20000:]
         wiki_ids[-1] = wiki_ids[-1][:-20000]
         print(json.dumps({"stage": "data", "wiki_tokens": sum(map(len, wiki_ids)), "wiki_vocab": len(wiki_vocab),
