@@ -1,0 +1,74 @@
+"""The three stages end to end through the scripts, on real data (TREC-6), tiny and short."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ulmfit_jax.text.datasets import data_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+TREC = data_dir() / "trec"
+pytestmark = pytest.mark.skipif(not (TREC / "TREC_10.label").is_file(),
+                                reason=f"TREC-6 not found under {TREC} (set ULMFIT_DATA_DIR)")
+TINY = ["--emb-sz", "16", "--n-hid", "24", "--n-layers", "2", "--bptt", "20", "--seed", "1"]
+
+
+def run(script, *args, timeout=600):
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *map(str, args)],
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_three_stages_evaluate_and_predict(tmp_path):
+    data = tmp_path / "trec"
+    prepared = run("prepare_data.py", "--input", TREC, "--format", "trec6", "--out", data, "--no-progress")
+    assert prepared["docs"] == 5952
+    lm = run("pretrain_lm.py", "--data", data, "--out", tmp_path / "lm", *TINY, "--bs", "32", "--max-steps", "25")
+    assert lm["step"] == 25 and lm["tokens_per_s"] > 0 and lm["compile_seconds"] > 0
+    finetuned = run("finetune_lm.py", "--data", data, "--pretrained", tmp_path / "lm" / "best", "--out",
+                    tmp_path / "ft", *TINY, "--bs", "32", "--epochs", "1", "--max-steps", "30")
+    assert Path(finetuned["encoder"], "params.npz").is_file()
+    classifier = run("train_classifier.py", "--data", data, "--encoder", finetuned["encoder"], "--out",
+                     tmp_path / "clas", *TINY, "--bs", "64", "--epochs", "1", "--max-steps", "120")
+    assert 0.0 <= classifier["test_accuracy"] <= 1.0 and classifier["step"] == 120
+    records = [json.loads(line) for line in (tmp_path / "clas" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["trainable"] for r in records if "epoch" in r][:2] == [[3], [2, 3]]
+    assert (tmp_path / "clas" / "classifier_metrics.png").is_file()
+
+    evaluated = run("evaluate.py", "--model", tmp_path / "clas" / "last", "--data", data, "--split", "test")
+    assert evaluated["documents"] == 500 and abs(evaluated["accuracy"] - classifier["test_accuracy"]) < 1e-9
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "predict.py"), "--model",
+                             str(tmp_path / "clas" / "last")], input="Who wrote Hamlet ?\n\nHow far is Mars ?\n",
+                            capture_output=True, text=True, timeout=300)
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["text"] for line in lines] == ["Who wrote Hamlet ?", "How far is Mars ?"]
+    assert all(abs(sum(line["probabilities"].values()) - 1) < 1e-4 for line in lines)
+
+
+def test_sigterm_saves_a_checkpoint_and_a_rerun_resumes(tmp_path):
+    data = tmp_path / "trec"
+    run("prepare_data.py", "--input", TREC, "--format", "trec6", "--out", data, "--no-progress")
+    command = [sys.executable, str(ROOT / "scripts" / "pretrain_lm.py"), "--data", str(data), "--out",
+               str(tmp_path / "lm"), *TINY, "--bs", "8", "--epochs", "3"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoints = tmp_path / "lm" / "checkpoints"
+    deadline = time.time() + 300
+    while not (tmp_path / "lm" / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.5)                                  # the first epoch is done: compiled and stepping
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGINT, stderr[-2000:]
+    interrupted = json.loads(stdout.strip().splitlines()[-1])
+    assert interrupted["interrupted"] and any(checkpoints.iterdir())
+    resumed = subprocess.run(command + ["--max-steps", str(interrupted["step"] + 5)], capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f'"resumed_from_step": {interrupted["step"]}' in resumed.stdout
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["step"] == interrupted["step"] + 5
