@@ -329,6 +329,20 @@ def stlr(peak_lr: float, total_steps: int, cut_frac: float = 0.1, ratio: float =
     return schedule
 
 
+def exponential(start: float, end: float, total_steps: int) -> Schedule:
+    """fastai's `sched_exp(start, end, pos)` = start * (end / start) ** pos at pos = t / total_steps
+    (its LR finder's schedule: step t of `num_it` uses pos = t / num_it, so the last step is just
+    below `end`). Computed as exp(log start + pos log(end / start)) in float32."""
+    if total_steps < 1 or start <= 0.0 or end <= 0.0:
+        raise ValueError(f"need total_steps >= 1 and positive start, end; got {total_steps}, {start}, {end}")
+    log_start, log_ratio = math.log(start), math.log(end / start)
+
+    def schedule(step):
+        return jnp.exp(log_start + jnp.asarray(step, jnp.float32) / total_steps * log_ratio)
+
+    return schedule
+
+
 def constant(value: float) -> Schedule:
     """The same value at every step."""
     return lambda step: jnp.full((), value, jnp.float32)
@@ -358,6 +372,16 @@ class Constant:
 
 
 @dataclasses.dataclass(frozen=True)
+class Exponential:
+    """fastai's `SchedExp(start, end)` at pos = t / total_steps, as its LR finder runs it:
+    lr_t = start * (end / start) ** (t / total_steps), momentum constant at beta1. `start` and
+    `end` are the learning rates themselves (a number, a `Slice` or one per group, spread like
+    `learning_rate`), so `OptimizerConfig.learning_rate` is not used with this schedule."""
+    start: float | Slice | tuple[float, ...] = 1e-7
+    end: float | Slice | tuple[float, ...] = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
     """fastai's Adam with per-group hyper-parameters, a schedule and gradient clipping.
 
@@ -377,7 +401,7 @@ class OptimizerConfig:
     decouple_weight_decay: bool = True
     clip_norm: float | None = None
     train_bn: bool = True
-    schedule: OneCycle | SlantedTriangular | Constant = OneCycle()
+    schedule: OneCycle | SlantedTriangular | Constant | Exponential = OneCycle()
 
 
 def paper_config(learning_rate: float, count: int, **overrides) -> OptimizerConfig:
@@ -400,6 +424,9 @@ def learning_rate_schedules(config: OptimizerConfig, count: int,
                                      lr / schedule.div_final, total_steps) for lr in peaks)
     if isinstance(schedule, SlantedTriangular):
         return tuple(stlr(lr, total_steps, schedule.cut_frac, schedule.ratio) for lr in peaks)
+    if isinstance(schedule, Exponential):
+        return tuple(exponential(start, end, total_steps) for start, end in
+                     zip(group_values(schedule.start, count), group_values(schedule.end, count)))
     return tuple(constant(lr) for lr in peaks)
 
 
