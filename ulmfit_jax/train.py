@@ -38,9 +38,15 @@ class RegularizationConfig:
 def _language_model_loss(params, tokens, targets, state, key, *, config, regularization, compute_dtype, train):
     dropped, raw, new_state = models.language_model_hidden(params, tokens, state, config=config, train=train,
                                                            key=key, compute_dtype=compute_dtype)
-    logits = heads.lm_logits(params, dropped, config, compute_dtype)
-    loss = losses.cross_entropy(logits, targets, label_smoothing=regularization.label_smoothing)
-    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == targets)}
+    if train and not regularization.label_smoothing and compute_dtype is None:
+        # never materialises the [B*T, V] logits (DESIGN.md: ~60% of the FLOPs, memory-bound)
+        loss = losses.fused_linear_cross_entropy(dropped, heads.decoder_weight(params, config),
+                                                 params["decoder"].get("bias"), targets)
+        metrics = {"loss": loss}
+    else:
+        logits = heads.lm_logits(params, dropped, config, compute_dtype)
+        loss = losses.cross_entropy(logits, targets, label_smoothing=regularization.label_smoothing)
+        metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == targets)}
     if train:
         loss = (loss + losses.activation_regularization(dropped, regularization.alpha)
                 + losses.temporal_activation_regularization(raw, regularization.beta))
@@ -384,10 +390,15 @@ def classification_metrics(probabilities: np.ndarray, labels: np.ndarray) -> dic
 
 
 def classifier_batch_settings(config: ClassifierConfig, batch_size: int, backwards: bool = False):
-    """Batches for `config`: windows of its bptt, lengths bucketed to multiples of bptt (few shapes)."""
+    """Batches for `config`: windows of its bptt, lengths bucketed to multiples of bptt (few shapes),
+    or of 8 for batches shorter than one window.
+
+    Multiples of bptt keep fastai's last-state index (`masked_concat_pool`) on the last real token;
+    within one window there is no front padding, so any length does."""
     from ulmfit_jax.text.batches import ClassifierBatchSettings
     return ClassifierBatchSettings(batch_size=batch_size, seq_len=config.bptt, max_len=None,
-                                   bucket_multiple=config.bptt, backwards=backwards)
+                                   bucket_multiple=config.bptt, short_bucket_multiple=min(8, config.bptt),
+                                   backwards=backwards)
 
 
 def fit_classifier(params, batch_stats, config: ClassifierConfig, train_documents, train_labels,

@@ -220,6 +220,7 @@ class ClassifierBatchSettings:
     max_len: int | None = 72 * 20
     keep: str = "first"
     bucket_multiple: int | None = 72
+    short_bucket_multiple: int | None = None
     pad_id: int = PAD_ID
     pad_first: bool = True
     backwards: bool = False
@@ -233,6 +234,8 @@ class ClassifierBatchSettings:
             raise ValueError("max_len must be positive or None")
         if self.bucket_multiple is not None and self.bucket_multiple < 1:
             raise ValueError("bucket_multiple must be positive or None")
+        if self.short_bucket_multiple is not None and not 1 <= self.short_bucket_multiple <= self.seq_len:
+            raise ValueError("short_bucket_multiple must be in [1, seq_len] or None")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,6 +257,11 @@ def padded_length(longest: int, settings: ClassifierBatchSettings) -> int:
     if settings.bucket_multiple is None:
         return max(longest, 1)
     multiple = settings.bucket_multiple
+    if settings.short_bucket_multiple is not None and longest <= settings.seq_len:
+        # Batches of short documents (TREC questions: ~11 tokens) would waste most of a whole
+        # seq_len window; one window of padding at the end changes nothing fastai computes.
+        multiple = settings.short_bucket_multiple
+        return min(max(-(-longest // multiple) * multiple, multiple), settings.seq_len)
     return max(-(-longest // multiple) * multiple, multiple)
 
 
