@@ -74,19 +74,8 @@ def main(argv=None):
     if args.freeze_epochs:
         stages.insert(0, train.Stage(args.freeze_epochs, cli.optimizer_config(args, args.frozen_lr, n_groups),
                                      optim.freeze(n_groups)))
-    log = cli.RunLog(args.out, "finetune")
-
-    def fit(checkpointer):
-        return train.fit_language_model(
-            params, config, train_docs, valid_docs, stages, batch_size=args.bs, bptt=args.bptt, seed=args.seed,
-            backwards=args.backwards, max_steps=args.max_steps, compute_dtype=cli.compute_dtype(args),
-            checkpointer=checkpointer, log=log,
-            on_epoch_end=cli.best_and_last(args.out, config, data.vocab, "valid_loss", lower_is_better=True))
-
-    try:
-        final_params, history, throughput = cli.run_training(fit, log, started, args.out / "checkpoints")
-    except ValueError as error:
-        raise SystemExit(f"error: {error}")
+    final_params, history, throughput = cli.fit_language_model_from_args(
+        args, params, config, data.vocab, train_docs, valid_docs, stages, "finetune")
     best = checkpoint.load_model(args.out / "best") if (args.out / "best").exists() else None
     encoder_params = best["params"]["encoder"] if best else jax.tree.map(np.asarray, final_params["encoder"])
     checkpoint.save_encoder(args.out / "encoder", config.encoder, encoder_params, data.vocab)

@@ -41,19 +41,8 @@ def main(argv=None):
         params["encoder"]["embed"] = load_word_vectors(args.embeddings, data.vocab, params["encoder"]["embed"])
     n_groups = optim.n_groups(optim.layer_group_labels(params, "lm"))
     stages = [train.Stage(args.epochs, cli.optimizer_config(args, args.lr, n_groups))]
-    log = cli.RunLog(args.out, "pretrain")
-
-    def fit(checkpointer):
-        return train.fit_language_model(
-            params, config, train_docs, valid_docs, stages, batch_size=args.bs, bptt=args.bptt, seed=args.seed,
-            backwards=args.backwards, max_steps=args.max_steps, compute_dtype=cli.compute_dtype(args),
-            checkpointer=checkpointer, log=log,
-            on_epoch_end=cli.best_and_last(args.out, config, data.vocab, "valid_loss", lower_is_better=True))
-
-    try:
-        _, history, throughput = cli.run_training(fit, log, started, args.out / "checkpoints")
-    except ValueError as error:
-        raise SystemExit(f"error: {error}")
+    _, history, throughput = cli.fit_language_model_from_args(
+        args, params, config, data.vocab, train_docs, valid_docs, stages, "pretrain")
     final = history[-1] if history else {}
     cli.finish({"stage": "pretrain", "model": str(args.out / "best"), **{k: final.get(k) for k in (
         "epoch", "step", "train_loss", "valid_loss", "valid_perplexity", "valid_accuracy")}}, throughput, started)

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from fastai_reference import fastai_language_model, torch
 from ulmfit_jax.config import awd_lstm_lm_config

@@ -1,7 +1,6 @@
 """The three stages end to end through the scripts, on real data (TREC-6), tiny and short."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -64,7 +63,7 @@ def test_sigterm_saves_a_checkpoint_and_a_rerun_resumes(tmp_path):
         time.sleep(0.5)                                  # the first epoch is done: compiled and stepping
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=300)
-    assert process.returncode == 128 + signal.SIGINT, stderr[-2000:]
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     interrupted = json.loads(stdout.strip().splitlines()[-1])
     assert interrupted["interrupted"] and any(checkpoints.iterdir())
     resumed = subprocess.run(command + ["--max-steps", str(interrupted["step"] + 5)], capture_output=True,

@@ -13,9 +13,7 @@ Presets (`--preset`):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
@@ -116,7 +114,6 @@ class RunLog:
         self.plot_path = out / f"{stage}_metrics.png"
         self.stage = stage
         self.records: list[dict] = []
-        self.started = time.time()
 
     def __call__(self, record: dict) -> None:
         record = {"stage": self.stage, **record}
@@ -152,12 +149,6 @@ def finish(result: dict, throughput, started: float) -> None:
     print(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in result.items()}), flush=True)
 
 
-def config_summary(config) -> dict:
-    return dataclasses.asdict(config)
-
-
-def data_dir_default() -> Path:
-    return Path(os.environ.get("ULMFIT_DATA_DIR", "../shared/data"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,8 +191,8 @@ def validation_split(data, documents, labels, seed: int, valid_pct: float = 0.1)
 
 
 def run_training(fit, log: RunLog, started: float, checkpoint_dir: Path):
-    """Run `fit(checkpointer)`; on SIGINT / SIGTERM print where the checkpoint is and exit cleanly."""
-    import signal
+    """Run `fit(checkpointer)`; on SIGINT / SIGTERM print where the checkpoint is and exit cleanly
+    (status 128 + the signal's number, as a shell reports a signalled process)."""
     import sys
     from ulmfit_jax import checkpoint, train
     checkpointer = checkpoint.TrainingCheckpointer(checkpoint_dir)
@@ -210,11 +201,30 @@ def run_training(fit, log: RunLog, started: float, checkpoint_dir: Path):
     except train.Interrupted as interrupted:
         print(json.dumps({"interrupted": True, "step": interrupted.step, "checkpoint": str(checkpoint_dir),
                           "seconds": time.time() - started}), flush=True)
-        sys.exit(128 + signal.SIGINT)
+        sys.exit(128 + interrupted.signal_number)
     except FloatingPointError as error:
         raise SystemExit(f"error: {error}")
     finally:
         log.plot()
+
+
+def fit_language_model_from_args(args, params, config, vocab, train_documents, valid_documents, stages,
+                                 stage_name: str):
+    """pretrain_lm.py and finetune_lm.py: fit, keep best and last, log. -> (params, history, throughput)."""
+    from ulmfit_jax import train
+    log = RunLog(args.out, stage_name)
+
+    def fit(checkpointer):
+        return train.fit_language_model(
+            params, config, train_documents, valid_documents, stages, batch_size=args.bs, bptt=args.bptt,
+            seed=args.seed, backwards=args.backwards, max_steps=args.max_steps, compute_dtype=compute_dtype(args),
+            checkpointer=checkpointer, log=log,
+            on_epoch_end=best_and_last(args.out, config, vocab, "valid_loss", lower_is_better=True))
+
+    try:
+        return run_training(fit, log, time.time(), args.out / "checkpoints")
+    except ValueError as error:
+        raise SystemExit(f"error: {error}")
 
 
 def best_and_last(out: Path, config, vocab, metric: str, lower_is_better: bool, *, classes=None):

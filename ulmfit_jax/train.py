@@ -186,9 +186,10 @@ class Stage:
 class Interrupted(Exception):
     """SIGINT or SIGTERM arrived; a checkpoint of the last finished step was saved."""
 
-    def __init__(self, step: int):
-        super().__init__(f"interrupted after step {step}; checkpoint saved")
+    def __init__(self, step: int, signal_number: int):
+        super().__init__(f"interrupted by signal {signal_number} after step {step}; checkpoint saved")
         self.step = step
+        self.signal_number = signal_number
 
 
 class _SignalFlag:
@@ -295,7 +296,7 @@ def _run_stages(stages, steps_per_epoch: int, *, kind: str, params, carry, build
                 losses_sum, n, step = losses_sum + loss, n + 1, step + 1
                 if signals.received is not None:
                     save(step)
-                    raise Interrupted(step)
+                    raise Interrupted(step, signals.received)
             if step % steps_per_epoch and step < total_steps:
                 raise RuntimeError(f"epoch {epoch} gave fewer than the {steps_per_epoch} batches expected")
             record = {"epoch": epoch, "step": step, "train_loss": losses_sum / max(n, 1),
