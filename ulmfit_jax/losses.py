@@ -34,7 +34,7 @@ def temporal_activation_regularization(raw: jax.Array, beta: float) -> jax.Array
 
 
 def fused_linear_cross_entropy(hidden: jax.Array, weight: jax.Array, bias: jax.Array | None,
-                               targets: jax.Array, *, chunk_size: int = 256) -> jax.Array:
+                               targets: jax.Array, *, chunk_size: int = 128) -> jax.Array:
     """Mean cross-entropy of `hidden @ weight.T + bias` against `targets`, never holding all logits.
 
     hidden: f32[..., E]; weight: f32[V, E] (the tied decoder: the embedding); bias: f32[V] or None;
