@@ -68,15 +68,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("ULMFIT_DATA_DIR", "../shared/data")))
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
-    parser.add_argument("--wiki-words", type=int, default=2_000_000, help="pretraining corpus size (words)")
-    parser.add_argument("--max-vocab", type=int, default=15000)
-    parser.add_argument("--emb-sz", type=int, default=200)
-    parser.add_argument("--n-hid", type=int, default=512)
-    parser.add_argument("--n-layers", type=int, default=3)
+    parser.add_argument("--wiki-words", type=int, default=1_500_000, help="pretraining corpus size (words)")
+    parser.add_argument("--max-vocab", type=int, default=10000)
+    parser.add_argument("--emb-sz", type=int, default=128)
+    parser.add_argument("--n-hid", type=int, default=384)
+    parser.add_argument("--n-layers", type=int, default=2)
     parser.add_argument("--pretrain-epochs", type=int, default=1)
     parser.add_argument("--pretrain-lr", type=float, default=5e-3)
     parser.add_argument("--finetune-epochs", type=int, default=4)
-    parser.add_argument("--classifier-epochs", type=int, default=8, help="epochs once all groups train")
+    parser.add_argument("--classifier-epochs", type=int, default=12, help="epochs once all groups train")
     parser.add_argument("--bs", type=int, default=64)
     parser.add_argument("--bptt", type=int, default=70)
     parser.add_argument("--seed", type=int, default=0)
@@ -114,7 +114,8 @@ def main(argv=None):
         one_cycle = optim.OptimizerConfig(learning_rate=args.pretrain_lr, weight_decay=0.01, clip_norm=0.4)
         params, _, pretrain_speed = train.fit_language_model(
             params, lm_config, wiki_ids, [held_out], [train.Stage(args.pretrain_epochs, one_cycle)],
-            batch_size=args.bs, bptt=args.bptt, seed=args.seed, log=log_line("pretrain"))
+            batch_size=args.bs, bptt=args.bptt, seed=args.seed, log=log_line("pretrain"),
+            progress=True)
 
         # Stage 2: fine-tuning on the TREC questions, vocabulary moved as fastai's match_embeds
         params = jax.tree.map(np.asarray, params)
@@ -124,9 +125,9 @@ def main(argv=None):
         stages = [train.Stage(1, optim.OptimizerConfig(learning_rate=1e-2, weight_decay=0.01),
                               optim.freeze(count)),
                   train.Stage(args.finetune_epochs, optim.OptimizerConfig(learning_rate=2e-3, weight_decay=0.01))]
-        params, _, _ = train.fit_language_model(params, lm_config, trec_ids, test_ids[:0] or None, stages,
+        params, _, _ = train.fit_language_model(params, lm_config, trec_ids, None, stages,
                                                 batch_size=32, bptt=args.bptt, seed=args.seed,
-                                                log=log_line("finetune"))
+                                                log=log_line("finetune"), progress=True)
         encoder_params = jax.tree.map(np.asarray, params["encoder"])
         checkpoint.save_model(args.out / "finetuned_lm", lm_config, params, trec_vocab)
 
@@ -140,12 +141,12 @@ def main(argv=None):
     stage = lambda epochs, lr, trainable: train.Stage(
         epochs, optim.OptimizerConfig(learning_rate=optim.Slice(lr / 2.6 ** 4, lr), weight_decay=0.01), trainable)
     stages = [stage(1, lr, optim.freeze_to(-1, count)), stage(1, lr / 2, optim.freeze_to(-2, count)),
-              stage(1, lr / 4, optim.freeze_to(-3, count)), stage(args.classifier_epochs, lr / 10, None)]
+              stage(1, lr / 4, optim.freeze_to(-3, count)), stage(args.classifier_epochs, lr / 4, None)]
     if args.from_scratch:
         stages = [stage(args.classifier_epochs + 3, lr / 4, None)]
     params, batch_stats, _, _ = train.fit_classifier(params, batch_stats, clas_config, trec_ids, train_labels,
                                                      None, None, stages, batch_size=args.bs, seed=args.seed,
-                                                     log=log_line("classifier"))
+                                                     log=log_line("classifier"), progress=True)
     from ulmfit_jax.text.batches import ClassifierBatchSettings
     settings = ClassifierBatchSettings(batch_size=args.bs, seq_len=args.bptt, max_len=None, bucket_multiple=args.bptt)
     probabilities = train.predict_classifier(train.classifier_predictor(clas_config), params, batch_stats,

@@ -79,6 +79,7 @@ def main(argv=None):
             params, batch_stats, config, train_docs, train_labels, valid_docs, valid_labels, stages,
             batch_size=args.bs, seed=args.seed, backwards=args.backwards, regularization=regularization,
             max_steps=args.max_steps, compute_dtype=cli.compute_dtype(args), checkpointer=checkpointer, log=log,
+            progress=True,
             on_epoch_end=cli.best_and_last(args.out, config, data.vocab, "valid_accuracy", lower_is_better=False,
                                            classes=data.classes))
 

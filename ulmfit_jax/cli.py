@@ -218,7 +218,7 @@ def fit_language_model_from_args(args, params, config, vocab, train_documents, v
         return train.fit_language_model(
             params, config, train_documents, valid_documents, stages, batch_size=args.bs, bptt=args.bptt,
             seed=args.seed, backwards=args.backwards, max_steps=args.max_steps, compute_dtype=compute_dtype(args),
-            checkpointer=checkpointer, log=log,
+            checkpointer=checkpointer, log=log, progress=True,
             on_epoch_end=best_and_last(args.out, config, vocab, "valid_loss", lower_is_better=True))
 
     try:

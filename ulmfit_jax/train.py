@@ -214,7 +214,7 @@ class _SignalFlag:
 
 def _run_stages(stages, steps_per_epoch: int, *, kind: str, params, carry, build_stage, epoch_batches,
                 new_epoch_carry, place_carry, evaluate, seed: int, mesh, checkpointer=None, max_steps=None,
-                log=None, on_epoch_end=None):
+                log=None, on_epoch_end=None, progress: bool = False):
     """The loop shared by both models: stages of epochs of steps, checkpointed and resumable.
 
     `build_stage(stage) -> (optimizer, step_fn)` with `step_fn(params, opt_state, carry, batch, key,
@@ -265,7 +265,10 @@ def _run_stages(stages, steps_per_epoch: int, *, kind: str, params, carry, build
         if checkpointer is not None:
             checkpointer.save(step, {"params": params, "opt_state": opt_state, "carry": carry, "step": step})
 
-    with _SignalFlag() as signals:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total_steps, initial=step, unit="step", disable=not progress, leave=False,
+               dynamic_ncols=True)
+    with _SignalFlag() as signals, bar:
         while step < total_steps:
             epoch, batch_in_epoch = divmod(step, steps_per_epoch)
             index = stage_of_epoch[epoch]
@@ -294,6 +297,9 @@ def _run_stages(stages, steps_per_epoch: int, *, kind: str, params, carry, build
                 throughput.record(seconds, int(metrics["tokens"]), compiled=index not in compiled_stages)
                 compiled_stages.add(index)
                 losses_sum, n, step = losses_sum + loss, n + 1, step + 1
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}", tokens_per_s=f"{throughput.tokens_per_second:.0f}",
+                                refresh=False)
                 if signals.received is not None:
                     save(step)
                     raise Interrupted(step, signals.received)
@@ -318,7 +324,8 @@ def _log(log, record):
 def fit_language_model(params, config: LanguageModelConfig, train_documents, valid_documents, stages, *,
                        batch_size: int = 64, bptt: int = 70, seed: int = 0, backwards: bool = False,
                        regularization: RegularizationConfig = RegularizationConfig(), max_steps: int | None = None,
-                       compute_dtype=None, mesh=None, checkpointer=None, log=None, on_epoch_end=None):
+                       compute_dtype=None, mesh=None, checkpointer=None, log=None, on_epoch_end=None,
+                       progress: bool = False):
     """Train an LM over `stages`; validation loss / perplexity / accuracy after every epoch.
 
     train_documents, valid_documents: lists of int32 token arrays (documents are shuffled each
@@ -365,8 +372,8 @@ def fit_language_model(params, config: LanguageModelConfig, train_documents, val
         stages, steps_per_epoch, kind="lm", params=parallel.replicate(params, mesh),
         carry=parallel.shard_batch(state, mesh), build_stage=build_stage, epoch_batches=epoch_batches,
         new_epoch_carry=lambda _: parallel.shard_batch(encoder.initial_state(config.encoder, batch_size), mesh),
-        place_carry=lambda state: parallel.shard_batch(state, mesh), evaluate=evaluate, seed=seed, mesh=mesh, checkpointer=checkpointer, max_steps=max_steps, log=log,
-        on_epoch_end=on_epoch_end)
+        place_carry=lambda state: parallel.shard_batch(state, mesh), evaluate=evaluate, seed=seed, mesh=mesh,
+        checkpointer=checkpointer, max_steps=max_steps, log=log, on_epoch_end=on_epoch_end, progress=progress)
     return params, history, throughput
 
 
@@ -406,7 +413,7 @@ def fit_classifier(params, batch_stats, config: ClassifierConfig, train_document
                    valid_documents, valid_labels, stages, *, batch_size: int = 64, seed: int = 0,
                    backwards: bool = False, regularization: RegularizationConfig = RegularizationConfig(),
                    max_steps: int | None = None, compute_dtype=None, mesh=None, checkpointer=None, log=None,
-                   on_epoch_end=None):
+                   on_epoch_end=None, progress: bool = False):
     """Train the classifier over `stages` (gradual unfreezing: one stage per trainable set).
 
     Returns (params, batch_stats, history, throughput).
@@ -448,5 +455,5 @@ def fit_classifier(params, batch_stats, config: ClassifierConfig, train_document
         carry=parallel.replicate(batch_stats, mesh), build_stage=build_stage, epoch_batches=epoch_batches,
         new_epoch_carry=lambda stats: stats, place_carry=lambda stats: parallel.replicate(stats, mesh),
         evaluate=evaluate, seed=seed, mesh=mesh, checkpointer=checkpointer,
-        max_steps=max_steps, log=log, on_epoch_end=on_epoch_end)
+        max_steps=max_steps, log=log, on_epoch_end=on_epoch_end, progress=progress)
     return params, batch_stats, history, throughput
