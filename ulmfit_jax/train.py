@@ -309,6 +309,7 @@ def _run_stages(stages, steps_per_epoch: int, *, kind: str, params, carry, build
                       "trainable": sorted(trainable), "tokens_per_s": throughput.tokens_per_second}
             record.update(evaluate(params, carry))
             history.append(record)
+            bar.clear()              # the record goes on a line of its own, not after the bar
             _log(log, record)
             save(step)
             if on_epoch_end is not None:
