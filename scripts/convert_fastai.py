@@ -6,8 +6,9 @@
 
 Import reads fastai v2, v1 and 0.7 state dicts (language model or classifier; the config comes
 from the shapes) and fastai's vocabulary pickle (read by a restricted unpickler that accepts only
-a list of strings). Export writes a fastai v2 state dict and vocabulary pickle. The last stdout
-line is JSON.
+a list of strings), AWD-LSTM or fastai v1's AWD-QRNN. Export writes a state dict fastai loads
+(fastai v2's layout; fastai 1.0.61's for a QRNN, which fastai v2 no longer has) and the vocabulary
+pickle. The last stdout line is JSON.
 """
 
 import argparse

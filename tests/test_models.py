@@ -1,0 +1,29 @@
+"""Model composition: mixed precision tracks float32."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ulmfit_jax import encoder, losses, models
+from ulmfit_jax.config import awd_lstm_lm_config
+
+
+def test_bfloat16_matmuls_track_float32_and_keep_float32_state(key):
+    """`compute_dtype=bfloat16` rounds the inputs of the input projections and the decoder to bf16
+    (8 bits of mantissa); accumulation, cell state, outputs and the loss stay float32. Stated
+    tolerance: loss within 1% relative, logits within 0.05 absolute (they are O(1))."""
+    config = awd_lstm_lm_config(60, emb_size=16, n_hidden=32, n_layers=2)
+    params = models.init_language_model(key, config)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (4, 12), 0, 60)
+    targets = jnp.roll(tokens, -1, axis=1)
+    state = encoder.initial_state(config.encoder, 4)
+    full, full_state, _ = models.language_model_apply(params, tokens, state, config=config)
+    mixed, mixed_state, _ = models.language_model_apply(params, tokens, state, config=config,
+                                                        compute_dtype=jnp.bfloat16)
+    assert mixed.dtype == jnp.float32
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(mixed_state))
+    assert float(jnp.max(jnp.abs(mixed - full))) < 0.05
+    assert not np.array_equal(np.asarray(mixed), np.asarray(full))          # bf16 was really used
+    full_loss, mixed_loss = losses.cross_entropy(full, targets), losses.cross_entropy(mixed, targets)
+    assert abs(float(mixed_loss) - float(full_loss)) < 0.01 * float(full_loss)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=0.05), mixed_state, full_state)
