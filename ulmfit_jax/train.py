@@ -259,7 +259,7 @@ def _run_stages(stages, steps_per_epoch: int, *, kind: str, params, carry, build
             _log(log, {"resumed_from_step": step})
     base_key = jax.random.PRNGKey(seed)
     history, throughput = [], Throughput()
-    compiled_stages = set()
+    compiled = set()          # (stage, batch shape): each compiles once; its first step is not throughput
 
     def save(step):
         if checkpointer is not None:
@@ -294,8 +294,9 @@ def _run_stages(stages, steps_per_epoch: int, *, kind: str, params, carry, build
                         f"loss is {loss} at step {step}; stopped, the last good checkpoint is kept"
                         + (f" in {checkpointer.directory}" if checkpointer is not None else ""))
                 params, opt_state, carry = new_params, new_opt_state, new_carry
-                throughput.record(seconds, int(metrics["tokens"]), compiled=index not in compiled_stages)
-                compiled_stages.add(index)
+                compile_key = (index, jax.tree.leaves(batch)[0].shape)
+                throughput.record(seconds, int(metrics["tokens"]), compiled=compile_key not in compiled)
+                compiled.add(compile_key)
                 losses_sum, n, step = losses_sum + loss, n + 1, step + 1
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}", tokens_per_s=f"{throughput.tokens_per_second:.0f}",
