@@ -32,6 +32,7 @@ import platform
 import statistics
 import sys
 import time
+from machine import cpu_model, interquartile_range, load_average  # benchmarks/ is on sys.path
 
 N_CORES = len(os.sched_getaffinity(0))
 
@@ -56,22 +57,8 @@ LR, BETAS, EPS = 1e-3, (0.9, 0.99), 1e-5
 ALPHA, BETA = 2.0, 1.0
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
-def load_average() -> str:
-    try:
-        return " ".join(open("/proc/loadavg").read().split()[:3])
-    except OSError:
-        return "n/a"
 
 
 def token_windows(vocab: int, batch: int, bptt: int, n_windows: int, seed: int = 0):
@@ -207,14 +194,11 @@ def bench_config(name, args):
         "fastai_tok_s": tokens / med["fastai"], "ours_tok_s": tokens / med["ours"],
         "ratio": med["fastai"] / med["ours"], "pair_ratio": pair_ratio,
         "fastai_best_tok_s": tokens / min(times["fastai"]), "ours_best_tok_s": tokens / min(times["ours"]),
-        "fastai_iqr_s": _iqr(times["fastai"]), "ours_iqr_s": _iqr(times["ours"]),
+        "fastai_iqr_s": interquartile_range(times["fastai"]), "ours_iqr_s": interquartile_range(times["ours"]),
         "ours_compile_s": ours.compile_s, "fastai_first_step_s": fastai_first_s,
     }
 
 
-def _iqr(values):
-    q = statistics.quantiles(values, n=4)
-    return q[2] - q[0]
 
 
 def main(argv=None):

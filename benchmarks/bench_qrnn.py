@@ -26,6 +26,7 @@ import platform
 import statistics
 import sys
 import time
+from machine import cpu_model, interquartile_range, load_average  # benchmarks/ is on sys.path
 
 N_CORES = len(os.sched_getaffinity(0))
 
@@ -40,29 +41,10 @@ LR, BETAS, EPS = 1e-3, (0.9, 0.99), 1e-5
 ALPHA, BETA = 2.0, 1.0
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
-def load_average() -> str:
-    try:
-        return " ".join(open("/proc/loadavg").read().split()[:3])
-    except OSError:
-        return "n/a"
 
 
-def _iqr(values):
-    if len(values) < 2:
-        return 0.0
-    q = statistics.quantiles(values, n=4)
-    return q[2] - q[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,7 +136,7 @@ def bench_language_models(name, args):
         "bptt": bptt, "repeats": repeats,
         **{f"{arch}_s": medians[arch] for arch in runs},
         **{f"{arch}_tok_s": tokens / medians[arch] for arch in runs},
-        **{f"{arch}_iqr_s": _iqr(times[arch]) for arch in runs},
+        **{f"{arch}_iqr_s": interquartile_range(times[arch]) for arch in runs},
         **{f"{arch}_compile_s": runs[arch].compile_s for arch in runs},
         **{f"{arch}_params": runs[arch].n_params for arch in runs},
         "qrnn_over_lstm": medians["lstm"] / medians["qrnn"],
