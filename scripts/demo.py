@@ -112,7 +112,7 @@ def main(argv=None):
         lm_config = awd_lstm_lm_config(len(wiki_vocab), drop_mult=0.1, **sizes)
         params = models.init_language_model(jax.random.PRNGKey(args.seed), lm_config)
         one_cycle = optim.OptimizerConfig(learning_rate=args.pretrain_lr, weight_decay=0.01, clip_norm=0.4)
-        params, _, pretrain_speed = train.fit_language_model(
+        params, _, _ = train.fit_language_model(
             params, lm_config, wiki_ids, [held_out], [train.Stage(args.pretrain_epochs, one_cycle)],
             batch_size=args.bs, bptt=args.bptt, seed=args.seed, log=log_line("pretrain"),
             progress=True)
@@ -147,10 +147,8 @@ def main(argv=None):
     params, batch_stats, _, _ = train.fit_classifier(params, batch_stats, clas_config, trec_ids, train_labels,
                                                      None, None, stages, batch_size=args.bs, seed=args.seed,
                                                      log=log_line("classifier"), progress=True)
-    from ulmfit_jax.text.batches import ClassifierBatchSettings
-    settings = ClassifierBatchSettings(batch_size=args.bs, seq_len=args.bptt, max_len=None, bucket_multiple=args.bptt)
     probabilities = train.predict_classifier(train.classifier_predictor(clas_config), params, batch_stats,
-                                             test_ids, settings)
+                                             test_ids, train.classifier_batch_settings(clas_config, args.bs))
     metrics = train.classification_metrics(probabilities, test_labels)
     checkpoint.save_model(args.out / "classifier", clas_config, jax.tree.map(np.asarray, params), trec_vocab,
                           batch_stats=jax.tree.map(np.asarray, batch_stats), classes=classes)
