@@ -21,7 +21,7 @@ def random_documents(seed: int, n: int, max_len: int = 300, vocab: int = 500) ->
 
 def fastai_lm_batches(documents, batch_size, seq_len):
     dataset = [fastai_data.TensorText(torch.tensor(d, dtype=torch.long)) for d in documents]
-    loader = fastai_data.LMDataLoader(dataset, bs=batch_size, seq_len=seq_len, shuffle=False)
+    loader = fastai_data.LMDataLoader(dataset, bs=batch_size, seq_len=seq_len, shuffle=False, num_workers=0)
     return [(x.numpy(), y.numpy()) for x, y in loader]
 
 
@@ -157,7 +157,7 @@ def fastai_sorted_dl(documents, labels, batch_size, shuffle, seed):
     dataset = [(fastai_data.TensorText(torch.tensor(d, dtype=torch.long)), torch.tensor(l))
                for d, l in zip(documents, labels)]
     loader = fastai_data.SortedDL(dataset, bs=batch_size, shuffle=shuffle, drop_last=shuffle,
-                                  before_batch=fastai_data.Pad_Chunk(seq_len=72))
+                                  before_batch=fastai_data.Pad_Chunk(seq_len=72), num_workers=0)  # no fork beside JAX
     np.random.seed(seed)
     return [(x.numpy(), y.numpy()) for x, y in loader]
 
@@ -180,7 +180,7 @@ def test_shuffled_sorted_order_matches_fastai_draws():
     lengths = np.random.default_rng(0).integers(1, 500, size=777)
     np.random.seed(3)
     documents = [np.zeros(n, dtype=np.int64) for n in lengths]
-    loader = fastai_data.SortedDL([(torch.tensor(d),) for d in documents], bs=8, shuffle=True)
+    loader = fastai_data.SortedDL([(torch.tensor(d),) for d in documents], bs=8, shuffle=True, num_workers=0)
     np.random.seed(3)
     expected = np.array(list(loader.shuffle_fn(None)))
     np.testing.assert_array_equal(shuffled_sorted_order(lengths, 8, np.random.RandomState(3)), expected)
