@@ -32,7 +32,8 @@ import platform
 import statistics
 import sys
 import time
-from machine import cpu_model, interquartile_range, load_average  # benchmarks/ is on sys.path
+from common import (ALPHA, BETA, BETAS, EPS, LR, LanguageModelRun, cpu_model, interquartile_range,  # benchmarks/
+                    load_average, token_windows)                                                  # is on sys.path
 
 N_CORES = len(os.sched_getaffinity(0))
 
@@ -52,22 +53,6 @@ CONFIGS = {
     "recipe": (30_000, 200, 512, 3, 64, 70),
     "small": (2_000, 64, 128, 2, 32, 70),
 }
-
-LR, BETAS, EPS = 1e-3, (0.9, 0.99), 1e-5
-ALPHA, BETA = 2.0, 1.0
-
-
-
-
-
-
-def token_windows(vocab: int, batch: int, bptt: int, n_windows: int, seed: int = 0):
-    """n_windows consecutive (input, target) windows of a [batch, n_windows * bptt + 1] stream."""
-    import numpy as np
-    rng = np.random.default_rng(seed)
-    stream = rng.integers(2, vocab, size=(batch, n_windows * bptt + 1), dtype=np.int64)
-    return [(stream[:, w * bptt:(w + 1) * bptt], stream[:, w * bptt + 1:(w + 1) * bptt + 1])
-            for w in range(n_windows)]
 
 
 # ----------------------------------------------------------------------------------------- fastai
@@ -109,62 +94,6 @@ class FastaiSide:
 
 
 # ------------------------------------------------------------------------------------- ulmfit_jax
-class JaxSide:
-    def __init__(self, vocab, emb, hidden, layers, windows, loss_kind, chunk_size):
-        import jax
-        import jax.numpy as jnp
-        import optax
-
-        from ulmfit_jax import encoder, heads, losses, models
-        from ulmfit_jax.config import awd_lstm_lm_config
-
-        self.jax = jax
-        config = awd_lstm_lm_config(vocab, emb_size=emb, n_hidden=hidden, n_layers=layers)
-        batch = windows[0][0].shape[0]
-        optimizer = optax.adam(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS)
-
-        def loss_fn(params, tokens, targets, state, key):
-            dropped, raw, new_state = models.language_model_hidden(params, tokens, state, config=config,
-                                                                   train=True, key=key)
-            if loss_kind == "fused":
-                weight = heads.decoder_weight(params, config)
-                ce = losses.fused_linear_cross_entropy(dropped, weight, params["decoder"]["bias"], targets,
-                                                       chunk_size=chunk_size)
-            else:
-                ce = losses.cross_entropy(heads.lm_logits(params, dropped, config), targets)
-            loss = (ce + losses.activation_regularization(dropped, ALPHA)
-                    + losses.temporal_activation_regularization(raw, BETA))
-            return loss, new_state
-
-        def train_step(params, opt_state, state, tokens, targets, key):
-            key, step_key = jax.random.split(key)
-            (loss, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                params, tokens, targets, state, step_key)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
-            return params, opt_state, jax.lax.stop_gradient(new_state), key, loss
-
-        self.params = models.init_language_model(jax.random.PRNGKey(0), config)
-        self.opt_state = optimizer.init(self.params)
-        self.state = encoder.initial_state(config.encoder, batch)
-        self.key = jax.random.PRNGKey(1)
-        self.windows = [(jnp.asarray(x, jnp.int32), jnp.asarray(y, jnp.int32)) for x, y in windows]
-        t0 = time.perf_counter()
-        self.compiled = jax.jit(train_step, donate_argnums=(0, 1, 2, 5)).lower(
-            self.params, self.opt_state, self.state, *self.windows[0], self.key).compile()
-        self.compile_s = time.perf_counter() - t0
-        self.i = 0
-
-    def step(self) -> float:
-        x, y = self.windows[self.i % len(self.windows)]
-        self.i += 1
-        t0 = time.perf_counter()
-        self.params, self.opt_state, self.state, self.key, loss = self.compiled(
-            self.params, self.opt_state, self.state, x, y, self.key)
-        loss.block_until_ready()
-        return time.perf_counter() - t0
-
-
 def bench_config(name, args):
     vocab, emb, hidden, layers, batch, bptt = CONFIGS[name]
     windows = token_windows(vocab, batch, bptt, n_windows=8)
@@ -172,7 +101,7 @@ def bench_config(name, args):
     t0 = time.perf_counter()
     fa.step()
     fastai_first_s = time.perf_counter() - t0
-    ours = JaxSide(vocab, emb, hidden, layers, windows, args.jax_loss, args.chunk_size)
+    ours = LanguageModelRun("lstm", vocab, emb, hidden, layers, windows, args.jax_loss, args.chunk_size)
     for _ in range(args.warmup):
         fa.step()
         ours.step()
@@ -197,8 +126,6 @@ def bench_config(name, args):
         "fastai_iqr_s": interquartile_range(times["fastai"]), "ours_iqr_s": interquartile_range(times["ours"]),
         "ours_compile_s": ours.compile_s, "fastai_first_step_s": fastai_first_s,
     }
-
-
 
 
 def main(argv=None):

@@ -26,7 +26,7 @@ import platform
 import statistics
 import sys
 import time
-from machine import cpu_model, interquartile_range, load_average  # benchmarks/ is on sys.path
+from common import LanguageModelRun, cpu_model, interquartile_range, load_average, token_windows  # benchmarks/ is on sys.path
 
 N_CORES = len(os.sched_getaffinity(0))
 
@@ -37,83 +37,10 @@ LM_CONFIGS = {
     "small": (2_000, 64, 128, 2, 32, 70),
 }
 GRID = [(70, 16, 256), (70, 64, 1152), (500, 16, 256), (500, 64, 1152), (2000, 8, 256)]
-LR, BETAS, EPS = 1e-3, (0.9, 0.99), 1e-5
-ALPHA, BETA = 2.0, 1.0
-
-
-
-
-
-
 
 
 # ----------------------------------------------------------------------------------------------
 # Part 1: language models
-
-class LanguageModelRun:
-    """One jitted train step of an ulmfit_jax LM (`arch` "lstm" or "qrnn")."""
-
-    def __init__(self, arch, vocab, emb, hidden, layers, windows, loss_kind, chunk_size):
-        import jax
-        import jax.numpy as jnp
-        import optax
-
-        from ulmfit_jax import encoder, heads, losses, models
-        from ulmfit_jax.config import awd_lstm_lm_config
-
-        config = awd_lstm_lm_config(vocab, emb_size=emb, n_hidden=hidden, n_layers=layers, arch=arch)
-        batch = windows[0][0].shape[0]
-        optimizer = optax.adam(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS)
-
-        def loss_fn(params, tokens, targets, state, key):
-            dropped, raw, new_state = models.language_model_hidden(params, tokens, state, config=config,
-                                                                   train=True, key=key)
-            if loss_kind == "fused":
-                ce = losses.fused_linear_cross_entropy(dropped, heads.decoder_weight(params, config),
-                                                       params["decoder"]["bias"], targets, chunk_size=chunk_size)
-            else:
-                ce = losses.cross_entropy(heads.lm_logits(params, dropped, config), targets)
-            loss = (ce + losses.activation_regularization(dropped, ALPHA)
-                    + losses.temporal_activation_regularization(raw, BETA))
-            return loss, new_state
-
-        def train_step(params, opt_state, state, tokens, targets, key):
-            key, step_key = jax.random.split(key)
-            (loss, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                params, tokens, targets, state, step_key)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, jax.lax.stop_gradient(new_state), key, loss
-
-        self.params = models.init_language_model(jax.random.PRNGKey(0), config)
-        self.n_params = sum(x.size for x in jax.tree.leaves(self.params))
-        self.opt_state = optimizer.init(self.params)
-        self.state = encoder.initial_state(config.encoder, batch)
-        self.key = jax.random.PRNGKey(1)
-        self.windows = [(jnp.asarray(x, jnp.int32), jnp.asarray(y, jnp.int32)) for x, y in windows]
-        t0 = time.perf_counter()
-        self.compiled = jax.jit(train_step, donate_argnums=(0, 1, 2, 5)).lower(
-            self.params, self.opt_state, self.state, *self.windows[0], self.key).compile()
-        self.compile_s = time.perf_counter() - t0
-        self.i = 0
-        self.losses = []
-
-    def step(self) -> float:
-        x, y = self.windows[self.i % len(self.windows)]
-        self.i += 1
-        t0 = time.perf_counter()
-        self.params, self.opt_state, self.state, self.key, loss = self.compiled(
-            self.params, self.opt_state, self.state, x, y, self.key)
-        loss.block_until_ready()
-        self.losses.append(float(loss))
-        return time.perf_counter() - t0
-
-
-def token_windows(vocab, batch, bptt, n_windows, seed=0):
-    import numpy as np
-    rng = np.random.default_rng(seed)
-    stream = rng.integers(2, vocab, size=(batch, n_windows * bptt + 1), dtype=np.int64)
-    return [(stream[:, w * bptt:(w + 1) * bptt], stream[:, w * bptt + 1:(w + 1) * bptt + 1])
-            for w in range(n_windows)]
 
 
 def bench_language_models(name, args):
