@@ -31,7 +31,7 @@ def test_frozen_groups_stay_bit_identical_and_each_stage_compiles_once():
     state = models.encoder.initial_state(LM_CONFIG.encoder, 4)
     for trainable in (optim.freeze(3), optim.freeze_to(-2, 3)):
         optimizer = optim.make_optimizer(config, params, "lm", 10, trainable)
-        train_step, _ = train.make_language_model_steps(LM_CONFIG, optimizer, labels)
+        train_step = train.make_language_model_train_step(LM_CONFIG, optimizer, labels)
         opt_state = optimizer.init(optim.split_trainable(params, labels, trainable)[0])
         stage_start = jax.tree.map(np.array, params)
         for step, (tokens, targets) in enumerate(batches):

@@ -4,7 +4,7 @@ From the same weights, dropouts off, on the same fixed batches, fastai's real tr
 `TextLearner` with fastai's `Adam`, the AWD-LSTM splitter, discriminative learning rates through
 `slice`, weight decay, `GradientClip`, the one-cycle schedule with moms 0.8/0.7/0.8, AR/TAR from
 `RNNRegularizer`, the LM's hidden state carried across batches and reset by `ModelResetter` at
-each epoch) and 20 steps of `train.make_language_model_steps` / `make_classifier_steps` with
+each epoch) and 20 steps of `train.make_language_model_train_step` / `make_classifier_train_step` with
 `optim.make_optimizer` give the same loss at every step: the cross-entropy fastai reports
 (`learn.loss`) and the regularised loss it differentiates (`learn.loss_grad`), within 1e-4
 relative. Trainable everything, and with frozen groups (`freeze()`, `freeze_to(-2)`). Trained
@@ -149,6 +149,20 @@ def lm_regularized_loss(params, state, tokens, targets, key):
 
 
 @pytest.mark.parametrize("freeze_to", [None, -1, -2], ids=["unfrozen", "freeze", "freeze_to-2"])
+
+def our_training(params, config, kind, freeze_to, clip):
+    """-> (labels, trainable groups, initial optimizer state, train step) for one of our stages."""
+    labels = optim.layer_group_labels(params, kind)
+    count = optim.n_groups(labels)
+    trainable = trainable_groups(freeze_to, count)
+    optimizer = optim.make_optimizer(optimizer_config(count, clip), params, kind, TOTAL_STEPS, trainable)
+    opt_state = optimizer.init(optim.split_trainable(params, labels, trainable)[0])
+    make_steps = train.make_language_model_train_step if kind == "lm" else train.make_classifier_train_step
+    train_step = make_steps(config, optimizer, labels,
+                               regularization=train.RegularizationConfig(alpha=ALPHA, beta=BETA))
+    return labels, trainable, opt_state, train_step
+
+
 def test_language_model_training_equals_fastai_fit_one_cycle(freeze_to):
     config = LM_CONFIG
     assert config.output_p == 0 and config.encoder.weight_p == 0
@@ -162,13 +176,7 @@ def test_language_model_training_equals_fastai_fit_one_cycle(freeze_to):
     fastai = fastai_fit(reference, awd_lstm_lm_split,
                         [(torch.tensor(x), torch.tensor(y)) for x, y in windows], freeze_to, LM_CLIP)
 
-    labels = optim.layer_group_labels(params, "lm")
-    count = optim.n_groups(labels)
-    trainable = trainable_groups(freeze_to, count)
-    optimizer = optim.make_optimizer(optimizer_config(count, LM_CLIP), params, "lm", TOTAL_STEPS, trainable)
-    opt_state = optimizer.init(optim.split_trainable(params, labels, trainable)[0])
-    regularization = train.RegularizationConfig(alpha=ALPHA, beta=BETA)
-    train_step, _ = train.make_language_model_steps(config, optimizer, labels, regularization=regularization)
+    labels, trainable, opt_state, train_step = our_training(params, config, "lm", freeze_to, LM_CLIP)
 
     ours, totals = [], []
     initial = jax.tree.map(np.asarray, params)
@@ -242,13 +250,7 @@ def test_classifier_training_equals_fastai_fit_one_cycle(freeze_to):
     fastai = fastai_fit(reference, awd_lstm_clas_split,
                         [(torch.tensor(x), torch.tensor(y)) for x, y in batches], freeze_to, CLAS_CLIP)
 
-    labels = optim.layer_group_labels(params, "classifier")
-    count = optim.n_groups(labels)
-    trainable = trainable_groups(freeze_to, count)
-    optimizer = optim.make_optimizer(optimizer_config(count, CLAS_CLIP), params, "classifier", TOTAL_STEPS, trainable)
-    opt_state = optimizer.init(optim.split_trainable(params, labels, trainable)[0])
-    regularization = train.RegularizationConfig(alpha=ALPHA, beta=BETA)
-    train_step, _ = train.make_classifier_steps(config, optimizer, labels, regularization=regularization)
+    labels, trainable, opt_state, train_step = our_training(params, config, "classifier", freeze_to, CLAS_CLIP)
 
     ours, totals = [], []
     initial = jax.tree.map(np.asarray, params)

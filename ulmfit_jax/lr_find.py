@@ -136,7 +136,7 @@ def find_language_model_lr(params, config: LanguageModelConfig, documents, *, ba
                            trainable: frozenset[int] | None = None, backwards: bool = False, seed: int = 0,
                            regularization: train.RegularizationConfig = train.RegularizationConfig()
                            ) -> FinderRecord:
-    """The LR finder over LM training steps (`train.make_language_model_steps`).
+    """The LR finder over LM training steps (`train.make_language_model_train_step`).
 
     documents: int32 token arrays, shuffled and concatenated each epoch (fastai's LMDataLoader)
     into batches int32[batch_size, bptt] (an epoch's short last window is skipped); the hidden
@@ -150,7 +150,7 @@ def find_language_model_lr(params, config: LanguageModelConfig, documents, *, ba
         raise ValueError(f"the training set has {n_tokens} tokens: too few for one batch of {batch_size} x {bptt}")
     params = _strong_copy(params)       # the train step donates its input buffers
     optimizer_fn, opt_state, labels, trainable, lr_at = _finder_optimizer(params, "lm", finder, optimizer, trainable)
-    train_step, _ = train.make_language_model_steps(config, optimizer_fn, labels, regularization=regularization,
+    train_step = train.make_language_model_train_step(config, optimizer_fn, labels, regularization=regularization,
                                                     train_bn=optimizer.train_bn)
     settings = LMBatchSettings(batch_size=batch_size, seq_len=bptt, backwards=backwards)
     initial = encoder.initial_state(config.encoder, batch_size)
@@ -177,7 +177,7 @@ def find_classifier_lr(params, batch_stats, config: ClassifierConfig, documents,
                        finder: FinderConfig = FinderConfig(), optimizer: optim.OptimizerConfig = optim.OptimizerConfig(),
                        trainable: frozenset[int] | None = None, backwards: bool = False, seed: int = 0,
                        regularization: train.RegularizationConfig = train.RegularizationConfig()) -> FinderRecord:
-    """The LR finder over classifier training steps (`train.make_classifier_steps`).
+    """The LR finder over classifier training steps (`train.make_classifier_train_step`).
 
     documents: int32 token arrays, labels int[N]; batches as `train.fit_classifier` draws them
     (fastai's SortedDL order, int32[batch_size, S] with S bucketed to multiples of config.bptt).
@@ -191,7 +191,7 @@ def find_classifier_lr(params, batch_stats, config: ClassifierConfig, documents,
     params, batch_stats = _strong_copy((params, batch_stats))   # the train step donates its input buffers
     optimizer_fn, opt_state, group_labels, trainable, lr_at = _finder_optimizer(params, "classifier", finder,
                                                                                 optimizer, trainable)
-    train_step, _ = train.make_classifier_steps(config, optimizer_fn, group_labels, regularization=regularization,
+    train_step = train.make_classifier_train_step(config, optimizer_fn, group_labels, regularization=regularization,
                                                 train_bn=optimizer.train_bn)
     settings = train.classifier_batch_settings(config, batch_size, backwards)
 

@@ -19,7 +19,6 @@ import math
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -35,32 +34,28 @@ class RegularizationConfig:
     label_smoothing: float = 0.0
 
 
-def _language_model_loss(params, tokens, targets, state, key, *, config, regularization, compute_dtype, train):
-    dropped, raw, new_state = models.language_model_hidden(params, tokens, state, config=config, train=train,
+def _language_model_loss(params, tokens, targets, state, key, *, config, regularization, compute_dtype):
+    """Train mode: cross-entropy (+ label smoothing) + AR + TAR. -> (loss, (new state, metrics))."""
+    dropped, raw, new_state = models.language_model_hidden(params, tokens, state, config=config, train=True,
                                                            key=key, compute_dtype=compute_dtype)
-    if train and not regularization.label_smoothing and compute_dtype is None:
+    if not regularization.label_smoothing and compute_dtype is None:
         # never materialises the [B*T, V] logits (DESIGN.md: ~60% of the FLOPs, memory-bound)
         loss = losses.fused_linear_cross_entropy(dropped, heads.decoder_weight(params, config),
                                                  params["decoder"].get("bias"), targets)
-        metrics = {"loss": loss}
     else:
         logits = heads.lm_logits(params, dropped, config, compute_dtype)
         loss = losses.cross_entropy(logits, targets, label_smoothing=regularization.label_smoothing)
-        metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == targets)}
-    if train:
-        loss = (loss + losses.activation_regularization(dropped, regularization.alpha)
-                + losses.temporal_activation_regularization(raw, regularization.beta))
+    metrics = {"loss": loss}
+    loss = (loss + losses.activation_regularization(dropped, regularization.alpha)
+            + losses.temporal_activation_regularization(raw, regularization.beta))
     return loss, (new_state, metrics)
 
 
-def make_language_model_steps(config: LanguageModelConfig, optimizer: optax.GradientTransformation,
+def make_language_model_train_step(config: LanguageModelConfig, optimizer: optax.GradientTransformation,
                               labels, *, regularization: RegularizationConfig = RegularizationConfig(),
                               train_bn: bool = True, compute_dtype=None):
-    """-> (train_step, eval_step).
-
-    train_step(params, opt_state, state, tokens, targets, key, trainable) -> (params, opt_state, state, metrics)
-    eval_step(params, state, tokens, targets) -> (state, metrics)
-    tokens, targets: int32[B, T]; state from `encoder.initial_state`. The LM state is detached between
+    """-> train_step(params, opt_state, state, tokens, targets, key, trainable) -> (params, opt_state, state,
+    metrics). tokens, targets: int32[B, T]; state from `encoder.initial_state`. The LM state is detached between
     windows (truncated BPTT), as fastai does.
     """
     loss_fn = functools.partial(_language_model_loss, config=config, regularization=regularization,
@@ -70,27 +65,19 @@ def make_language_model_steps(config: LanguageModelConfig, optimizer: optax.Grad
     def train_step(params, opt_state, state, tokens, targets, key, trainable):
         trained, frozen = optim.split_trainable(params, labels, trainable, train_bn)
         (_, (new_state, metrics)), grads = jax.value_and_grad(
-            lambda t: loss_fn(optim.merge(t, frozen), tokens, targets, state, key, train=True), has_aux=True)(trained)
+            lambda t: loss_fn(optim.merge(t, frozen), tokens, targets, state, key), has_aux=True)(trained)
         updates, opt_state = optimizer.update(grads, opt_state, trained)
         params = optim.merge(optax.apply_updates(trained, updates), frozen)
         return params, opt_state, jax.lax.stop_gradient(new_state), metrics
 
-    @jax.jit
-    def eval_step(params, state, tokens, targets):
-        _, (new_state, metrics) = loss_fn(params, tokens, targets, state, None, train=False)
-        return new_state, metrics
-
-    return train_step, eval_step
+    return train_step
 
 
-def make_classifier_steps(config: ClassifierConfig, optimizer: optax.GradientTransformation, labels, *,
+def make_classifier_train_step(config: ClassifierConfig, optimizer: optax.GradientTransformation, labels, *,
                           regularization: RegularizationConfig = RegularizationConfig(),
                           train_bn: bool = True, compute_dtype=None):
-    """-> (train_step, predict).
-
-    train_step(params, batch_stats, opt_state, tokens, targets, key, trainable)
+    """-> train_step(params, batch_stats, opt_state, tokens, targets, key, trainable)
         -> (params, batch_stats, opt_state, metrics)
-    predict(params, batch_stats, tokens) -> probabilities f32[B, C]
     tokens: int32[B, S] in pad_input_chunk layout; targets: int32[B].
     """
 
@@ -99,7 +86,7 @@ def make_classifier_steps(config: ClassifierConfig, optimizer: optax.GradientTra
         logits, new_stats, outputs = models.classifier_apply(params, batch_stats, tokens, config=config, train=True,
                                                              key=key, compute_dtype=compute_dtype)
         loss = losses.cross_entropy(logits, targets, label_smoothing=regularization.label_smoothing)
-        metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == targets)}
+        metrics = {"loss": loss}
         # fastai's RNNRegularizer sees the classifier's encoder outputs as both raw and dropped
         loss = (loss + losses.activation_regularization(outputs, regularization.alpha)
                 + losses.temporal_activation_regularization(outputs, regularization.beta))
@@ -114,7 +101,7 @@ def make_classifier_steps(config: ClassifierConfig, optimizer: optax.GradientTra
         params = optim.merge(optax.apply_updates(trained, updates), frozen)
         return params, batch_stats, opt_state, metrics
 
-    return train_step, classifier_predictor(config, compute_dtype)
+    return train_step
 
 
 def classifier_predictor(config: ClassifierConfig, compute_dtype=None):
@@ -349,7 +336,7 @@ def fit_language_model(params, config: LanguageModelConfig, train_documents, val
 
     def build_stage(stage, trainable, stage_steps):
         optimizer = optim.make_optimizer(stage.optimizer, params, "lm", stage_steps, trainable)
-        train_step, _ = make_language_model_steps(config, optimizer, labels, regularization=regularization,
+        train_step = make_language_model_train_step(config, optimizer, labels, regularization=regularization,
                                                   train_bn=stage.optimizer.train_bn, compute_dtype=compute_dtype)
 
         def step_fn(params, opt_state, state, batch, key, trainable):
@@ -431,7 +418,7 @@ def fit_classifier(params, batch_stats, config: ClassifierConfig, train_document
 
     def build_stage(stage, trainable, stage_steps):
         optimizer = optim.make_optimizer(stage.optimizer, params, "classifier", stage_steps, trainable)
-        train_step, _ = make_classifier_steps(config, optimizer, labels, regularization=regularization,
+        train_step = make_classifier_train_step(config, optimizer, labels, regularization=regularization,
                                               train_bn=stage.optimizer.train_bn, compute_dtype=compute_dtype)
 
         def step_fn(params, opt_state, batch_stats, batch, key, trainable):
