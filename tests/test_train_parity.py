@@ -148,8 +148,6 @@ def lm_regularized_loss(params, state, tokens, targets, key):
             + losses.temporal_activation_regularization(raw, BETA))
 
 
-@pytest.mark.parametrize("freeze_to", [None, -1, -2], ids=["unfrozen", "freeze", "freeze_to-2"])
-
 def our_training(params, config, kind, freeze_to, clip):
     """-> (labels, trainable groups, initial optimizer state, train step) for one of our stages."""
     labels = optim.layer_group_labels(params, kind)
@@ -159,10 +157,11 @@ def our_training(params, config, kind, freeze_to, clip):
     opt_state = optimizer.init(optim.split_trainable(params, labels, trainable)[0])
     make_steps = train.make_language_model_train_step if kind == "lm" else train.make_classifier_train_step
     train_step = make_steps(config, optimizer, labels,
-                               regularization=train.RegularizationConfig(alpha=ALPHA, beta=BETA))
+                            regularization=train.RegularizationConfig(alpha=ALPHA, beta=BETA))
     return labels, trainable, opt_state, train_step
 
 
+@pytest.mark.parametrize("freeze_to", [None, -1, -2], ids=["unfrozen", "freeze", "freeze_to-2"])
 def test_language_model_training_equals_fastai_fit_one_cycle(freeze_to):
     config = LM_CONFIG
     assert config.output_p == 0 and config.encoder.weight_p == 0
