@@ -9,11 +9,14 @@
    discriminative learning rates (lr / 2.6 per group).
 
 The last stdout line is JSON: {"dataset": "trec6", "test_accuracy": ..., "seconds": ..., ...} on the
-500 official test questions. `--data-dir` (or $ULMFIT_DATA_DIR) points at the data folder.
+500 official test questions. `--data-dir` (or $ULMFIT_DATA_DIR) points at the data folder; missing
+TREC files are downloaded from their canonical URLs and kept only if their sha256 matches.
+Every field of `Recipe` is a flag (`--classifier-epochs 8`); benchmarks/bench_trec_recipe.py runs
+the same recipe in fastai.
 """
 
 import argparse
-import gzip
+import dataclasses
 import json
 import os
 import sys
@@ -27,34 +30,101 @@ import numpy as np  # noqa: E402
 
 from ulmfit_jax import checkpoint, convert, models, optim, train  # noqa: E402
 from ulmfit_jax.config import awd_lstm_clas_config, awd_lstm_lm_config  # noqa: E402
-from ulmfit_jax.text.datasets import read_trec  # noqa: E402
+from ulmfit_jax.text.datasets import read_jsonl_prefix, read_trec  # noqa: E402
+from ulmfit_jax.text.download import ChecksumError, download_verified  # noqa: E402
 from ulmfit_jax.text.pipeline import tokenize_corpus  # noqa: E402
 from ulmfit_jax.text.vocab import make_vocab, token_to_id  # noqa: E402
 
-SOURCES = {
-    "enwiki/AA.jsonl.gz": "English Wikipedia 2015 dump, shard AA (see ../shared/data/README.md)",
-    "trec/train_5500.label": "https://cogcomp.seas.upenn.edu/Data/QA/QC/train_5500.label",
-    "trec/TREC_10.label": "https://cogcomp.seas.upenn.edu/Data/QA/QC/TREC_10.label",
+
+@dataclasses.dataclass(frozen=True)
+class DataFile:
+    description: str
+    sha256: str
+    url: str | None = None      # the canonical source, where there is one
+
+
+DATA_FILES = {
+    "trec/train_5500.label": DataFile(
+        "TREC-6 training questions (Li & Roth 2002)",
+        "9e4c8bdcaffb96ed61041bd64b564183d52793a8e91d84fc3a8646885f466ec3",
+        "https://cogcomp.seas.upenn.edu/Data/QA/QC/train_5500.label"),
+    "trec/TREC_10.label": DataFile(
+        "TREC-6 test questions",
+        "033f22c028c2bbba9ca682f68ffe204dc1aa6e1cf35dd6207f2d4ca67f0d0e8e",
+        "https://cogcomp.seas.upenn.edu/Data/QA/QC/TREC_10.label"),
+    "enwiki/AA.jsonl.gz": DataFile(
+        "English Wikipedia, 2015 dump, first shard as gzipped JSON lines {id, title, url, text}; no canonical "
+        "file to download: extract one from a dump at https://dumps.wikimedia.org/ with WikiExtractor --json "
+        "(any such shard works; the demo reads a prefix of its texts), or run --from-scratch",
+        "25001822d64b5b602261141a4bf46b95d12c370ed81f27f90a9facf9cb1df2a5"),
 }
 
 
-def check_data(data_dir: Path) -> None:
-    missing = [name for name in SOURCES if not (data_dir / name).is_file()]
-    if missing:
-        lines = "\n".join(f"  {data_dir / name}: {SOURCES[name]}" for name in missing)
-        raise SystemExit(f"error: data missing under {data_dir} (set --data-dir or ULMFIT_DATA_DIR):\n{lines}")
+def ensure_data(data_dir: Path, names, download: bool = True) -> None:
+    """Download what is missing and has a canonical URL (sha256-checked); fail naming the rest."""
+    problems = []
+    for name in names:
+        path, source = data_dir / name, DATA_FILES[name]
+        if path.is_file():
+            continue
+        if download and source.url:
+            print(f"downloading {source.url} -> {path}", file=sys.stderr, flush=True)
+            try:
+                download_verified(source.url, path, source.sha256)
+                continue
+            except (OSError, ChecksumError) as error:
+                problems.append(f"  {path}: {source.description}\n    from {source.url} (sha256 {source.sha256})"
+                                f"\n    download failed: {error}")
+                continue
+        where = f"\n    from {source.url} (sha256 {source.sha256})" if source.url else ""
+        problems.append(f"  {path}: {source.description}{where}")
+    if problems:
+        raise SystemExit(f"error: data missing under {data_dir} (set --data-dir or ULMFIT_DATA_DIR):\n"
+                         + "\n".join(problems))
 
 
-def read_wikipedia_prefix(path: Path, max_words: int) -> list[str]:
-    """The first articles of the shard, up to about `max_words` whitespace-separated words."""
-    texts, words = [], 0
-    with gzip.open(path, "rt", encoding="utf-8") as handle:
-        for line in handle:
-            texts.append(json.loads(line)["text"])
-            words += len(texts[-1].split())
-            if words >= max_words:
-                break
-    return texts
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """The demo's ULMFiT recipe on TREC-6 (README "The demo" says why these values)."""
+    # data
+    wiki_words: int = 1_500_000          # pretraining corpus: this many words of the Wikipedia shard
+    wiki_min_freq: int = 3
+    max_vocab: int = 10000
+    held_out_tokens: int = 20000         # the end of the last article, for validation perplexity
+    trec_min_freq: int = 2
+    # model
+    emb_sz: int = 128
+    n_hid: int = 384
+    n_layers: int = 2
+    bptt: int = 70
+    weight_decay: float = 0.01
+    lr_factor: float = 2.6               # discriminative learning rates: slice(lr / factor**4, lr)
+    # stage 1: pretraining, one-cycle
+    pretrain_bs: int = 64
+    pretrain_epochs: int = 1
+    pretrain_lr: float = 5e-3
+    pretrain_drop_mult: float = 0.1
+    pretrain_clip: float = 0.4
+    # stage 2: LM fine-tuning, one epoch of the last group, then all groups
+    finetune_bs: int = 32
+    finetune_drop_mult: float = 0.3
+    finetune_frozen_lr: float = 1e-2
+    finetune_epochs: int = 4
+    finetune_lr: float = 2e-3
+    # stage 3: the classifier
+    classifier_bs: int = 64
+    classifier_drop_mult: float = 0.5
+    classifier_lr: float = 2e-2
+    classifier_epochs: int = 12          # once all groups train
+
+    def classifier_stages(self, from_scratch: bool) -> list[tuple[int, float, int | None]]:
+        """(epochs, the last group's peak learning rate, freeze_to or None for all groups) per stage:
+        gradual unfreezing at lr, lr/2, lr/4, then everything at lr/4; from scratch, as many epochs
+        of everything at lr/4."""
+        lr = self.classifier_lr
+        if from_scratch:
+            return [(self.classifier_epochs + 3, lr / 4, None)]
+        return [(1, lr, -1), (1, lr / 2, -2), (1, lr / 4, -3), (self.classifier_epochs, lr / 4, None)]
 
 
 def log_line(stage):
@@ -64,25 +134,53 @@ def log_line(stage):
     return log
 
 
+def pretrain_and_finetune(recipe: Recipe, wiki_texts, trec_ids, trec_vocab, seed: int, out: Path):
+    """Stages 1 and 2 -> the fine-tuned encoder's parameters."""
+    wiki = tokenize_corpus(wiki_texts, progress=False)
+    wiki_vocab = make_vocab(wiki.counts(), min_freq=recipe.wiki_min_freq, max_vocab=recipe.max_vocab)
+    wiki_ids = wiki.numericalize(token_to_id(wiki_vocab))
+    held_out = wiki_ids[-1][-recipe.held_out_tokens:]
+    wiki_ids[-1] = wiki_ids[-1][:-recipe.held_out_tokens]
+    print(json.dumps({"stage": "data", "wiki_tokens": sum(map(len, wiki_ids)), "wiki_vocab": len(wiki_vocab),
+                      "trec_vocab": len(trec_vocab)}), flush=True)
+    sizes = dict(emb_size=recipe.emb_sz, n_hidden=recipe.n_hid, n_layers=recipe.n_layers)
+    lm_config = awd_lstm_lm_config(len(wiki_vocab), drop_mult=recipe.pretrain_drop_mult, **sizes)
+    params = models.init_language_model(jax.random.PRNGKey(seed), lm_config)
+    one_cycle = optim.OptimizerConfig(learning_rate=recipe.pretrain_lr, weight_decay=recipe.weight_decay,
+                                      clip_norm=recipe.pretrain_clip)
+    params, _, _ = train.fit_language_model(
+        params, lm_config, wiki_ids, [held_out], [train.Stage(recipe.pretrain_epochs, one_cycle)],
+        batch_size=recipe.pretrain_bs, bptt=recipe.bptt, seed=seed, log=log_line("pretrain"), progress=True)
+
+    params = jax.tree.map(np.asarray, params)
+    params = convert.match_embeddings(params, wiki_vocab, trec_vocab)
+    lm_config = awd_lstm_lm_config(len(trec_vocab), drop_mult=recipe.finetune_drop_mult, **sizes)
+    count = recipe.n_layers + 1
+    adam = lambda lr: optim.OptimizerConfig(learning_rate=lr, weight_decay=recipe.weight_decay)
+    stages = [train.Stage(1, adam(recipe.finetune_frozen_lr), optim.freeze(count)),
+              train.Stage(recipe.finetune_epochs, adam(recipe.finetune_lr))]
+    params, _, _ = train.fit_language_model(params, lm_config, trec_ids, None, stages,
+                                            batch_size=recipe.finetune_bs, bptt=recipe.bptt, seed=seed,
+                                            log=log_line("finetune"), progress=True)
+    checkpoint.save_model(out / "finetuned_lm", lm_config, jax.tree.map(np.asarray, params), trec_vocab)
+    return jax.tree.map(np.asarray, params["encoder"])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("ULMFIT_DATA_DIR", "../shared/data")))
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
-    parser.add_argument("--wiki-words", type=int, default=1_500_000, help="pretraining corpus size (words)")
-    parser.add_argument("--max-vocab", type=int, default=10000)
-    parser.add_argument("--emb-sz", type=int, default=128)
-    parser.add_argument("--n-hid", type=int, default=384)
-    parser.add_argument("--n-layers", type=int, default=2)
-    parser.add_argument("--pretrain-epochs", type=int, default=1)
-    parser.add_argument("--pretrain-lr", type=float, default=5e-3)
-    parser.add_argument("--finetune-epochs", type=int, default=4)
-    parser.add_argument("--classifier-epochs", type=int, default=12, help="epochs once all groups train")
-    parser.add_argument("--bs", type=int, default=64)
-    parser.add_argument("--bptt", type=int, default=70)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--from-scratch", action="store_true", help="skip stages 1-2 (the baseline)")
+    parser.add_argument("--no-download", action="store_true", help="only say what is missing")
+    for field in dataclasses.fields(Recipe):
+        parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default,
+                            help=f"(default {field.default})")
     args = parser.parse_args(argv)
-    check_data(args.data_dir)
+    recipe = Recipe(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Recipe)})
+    needed = [name for name in DATA_FILES if not (args.from_scratch and name.startswith("enwiki/"))]
+    ensure_data(args.data_dir, needed, download=not args.no_download)
+
     start = time.time()
     trec = read_trec(args.data_dir / "trec")
     trec_train = tokenize_corpus(trec.splits["train"].texts, progress=False)
@@ -91,69 +189,41 @@ def main(argv=None):
     unknown = sorted(set(trec.splits["test"].labels) - set(classes))
     if unknown:
         raise SystemExit(f"error: test labels absent from train: {unknown}")
-    trec_vocab = make_vocab(trec_train.counts(), min_freq=2)
+    trec_vocab = make_vocab(trec_train.counts(), min_freq=recipe.trec_min_freq)
     trec_index = token_to_id(trec_vocab)
     trec_ids, test_ids = trec_train.numericalize(trec_index), trec_test.numericalize(trec_index)
     train_labels = np.array([classes.index(c) for c in trec.splits["train"].labels])
     test_labels = np.array([classes.index(c) for c in trec.splits["test"].labels])
-    sizes = dict(emb_size=args.emb_sz, n_hidden=args.n_hid, n_layers=args.n_layers)
 
     encoder_params = None
     if not args.from_scratch:
-        # Stage 1: pretraining on Wikipedia
-        wiki = tokenize_corpus(read_wikipedia_prefix(args.data_dir / "enwiki/AA.jsonl.gz", args.wiki_words),
-                               progress=False)
-        wiki_vocab = make_vocab(wiki.counts(), min_freq=3, max_vocab=args.max_vocab)
-        wiki_ids = wiki.numericalize(token_to_id(wiki_vocab))
-        held_out = wiki_ids[-1][-20000:]
-        wiki_ids[-1] = wiki_ids[-1][:-20000]
-        print(json.dumps({"stage": "data", "wiki_tokens": sum(map(len, wiki_ids)), "wiki_vocab": len(wiki_vocab),
-                          "trec_vocab": len(trec_vocab), "seconds": round(time.time() - start, 1)}), flush=True)
-        lm_config = awd_lstm_lm_config(len(wiki_vocab), drop_mult=0.1, **sizes)
-        params = models.init_language_model(jax.random.PRNGKey(args.seed), lm_config)
-        one_cycle = optim.OptimizerConfig(learning_rate=args.pretrain_lr, weight_decay=0.01, clip_norm=0.4)
-        params, _, _ = train.fit_language_model(
-            params, lm_config, wiki_ids, [held_out], [train.Stage(args.pretrain_epochs, one_cycle)],
-            batch_size=args.bs, bptt=args.bptt, seed=args.seed, log=log_line("pretrain"),
-            progress=True)
-
-        # Stage 2: fine-tuning on the TREC questions, vocabulary moved as fastai's match_embeds
-        params = jax.tree.map(np.asarray, params)
-        params = convert.match_embeddings(params, wiki_vocab, trec_vocab)
-        lm_config = awd_lstm_lm_config(len(trec_vocab), drop_mult=0.3, **sizes)
-        count = len(params["encoder"]["rnn"]) + 1
-        stages = [train.Stage(1, optim.OptimizerConfig(learning_rate=1e-2, weight_decay=0.01),
-                              optim.freeze(count)),
-                  train.Stage(args.finetune_epochs, optim.OptimizerConfig(learning_rate=2e-3, weight_decay=0.01))]
-        params, _, _ = train.fit_language_model(params, lm_config, trec_ids, None, stages,
-                                                batch_size=32, bptt=args.bptt, seed=args.seed,
-                                                log=log_line("finetune"), progress=True)
-        encoder_params = jax.tree.map(np.asarray, params["encoder"])
-        checkpoint.save_model(args.out / "finetuned_lm", lm_config, params, trec_vocab)
+        wiki_texts = read_jsonl_prefix(args.data_dir / "enwiki/AA.jsonl.gz", recipe.wiki_words)
+        encoder_params = pretrain_and_finetune(recipe, wiki_texts, trec_ids, trec_vocab, args.seed, args.out)
 
     # Stage 3: the classifier, gradual unfreezing with discriminative learning rates
-    clas_config = awd_lstm_clas_config(len(trec_vocab), len(classes), drop_mult=0.5, bptt=args.bptt, **sizes)
+    clas_config = awd_lstm_clas_config(len(trec_vocab), len(classes), drop_mult=recipe.classifier_drop_mult,
+                                       bptt=recipe.bptt, emb_size=recipe.emb_sz, n_hidden=recipe.n_hid,
+                                       n_layers=recipe.n_layers)
     params, batch_stats = models.init_classifier(jax.random.PRNGKey(args.seed + 1), clas_config)
     if encoder_params is not None:
         params["encoder"] = encoder_params
-    count = args.n_layers + 2
-    lr = 2e-2
-    stage = lambda epochs, lr, trainable: train.Stage(
-        epochs, optim.OptimizerConfig(learning_rate=optim.Slice(lr / 2.6 ** 4, lr), weight_decay=0.01), trainable)
-    stages = [stage(1, lr, optim.freeze_to(-1, count)), stage(1, lr / 2, optim.freeze_to(-2, count)),
-              stage(1, lr / 4, optim.freeze_to(-3, count)), stage(args.classifier_epochs, lr / 4, None)]
-    if args.from_scratch:
-        stages = [stage(args.classifier_epochs + 3, lr / 4, None)]
+    count = recipe.n_layers + 2
+    stages = [train.Stage(epochs, optim.OptimizerConfig(learning_rate=optim.Slice(lr / recipe.lr_factor ** 4, lr),
+                                                        weight_decay=recipe.weight_decay),
+                          None if freeze_to is None else optim.freeze_to(freeze_to, count))
+              for epochs, lr, freeze_to in recipe.classifier_stages(args.from_scratch)]
     params, batch_stats, _, _ = train.fit_classifier(params, batch_stats, clas_config, trec_ids, train_labels,
-                                                     None, None, stages, batch_size=args.bs, seed=args.seed,
-                                                     log=log_line("classifier"), progress=True)
+                                                     None, None, stages, batch_size=recipe.classifier_bs,
+                                                     seed=args.seed, log=log_line("classifier"), progress=True)
     probabilities = train.predict_classifier(train.classifier_predictor(clas_config), params, batch_stats,
-                                             test_ids, train.classifier_batch_settings(clas_config, args.bs))
+                                             test_ids, train.classifier_batch_settings(clas_config,
+                                                                                       recipe.classifier_bs))
     metrics = train.classification_metrics(probabilities, test_labels)
     checkpoint.save_model(args.out / "classifier", clas_config, jax.tree.map(np.asarray, params), trec_vocab,
                           batch_stats=jax.tree.map(np.asarray, batch_stats), classes=classes)
     print(json.dumps({"dataset": "trec6", "test_accuracy": metrics["accuracy"], "test_macro_f1": metrics["macro_f1"],
-                      "pretrained": not args.from_scratch, "seconds": round(time.time() - start, 1)}))
+                      "pretrained": not args.from_scratch, "seed": args.seed,
+                      "seconds": round(time.time() - start, 1)}))
 
 
 if __name__ == "__main__":

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from ulmfit_jax.text.batches import (ClassifierBatchSettings, LMBatchSettings, classifier_batches,
-                                     concatenate_documents, lm_batches, lm_epoch, lm_layout, pad_chunk,
-                                     pad_input_chunk, possible_shapes, shuffled_sorted_order, sorted_order)
+                                     concatenate_documents, lm_batches, lm_epoch, lm_layout,
+                                     merged_bucket_lengths, pad_chunk, pad_input_chunk, padded_length,
+                                     possible_shapes, shuffled_sorted_order, sorted_order)
 
 torch = pytest.importorskip("torch", reason="fastai's loaders are the reference")
 fastai_data = pytest.importorskip("fastai.text.data", reason="fastai 2.8.12 is the reference")
@@ -234,3 +237,27 @@ def test_classifier_compiles_a_bounded_number_of_times():
 def test_classifier_train_needs_rng():
     with pytest.raises(ValueError, match="rng"):
         list(classifier_batches([np.arange(3)], [0], ClassifierBatchSettings(), train=True))
+
+
+def test_rare_buckets_merge_into_the_next_larger_one_of_their_kind():
+    settings_ = ClassifierBatchSettings(batch_size=4, seq_len=70, max_len=None, bucket_multiple=70,
+                                        short_bucket_multiple=8)
+    # buckets: 8 x5 (5%), 16 x60, 24 x20, 32 x2, 48 x3 (short); 140 x5, 210 x1, 280 x4 (whole windows)
+    lengths = [5] * 5 + [12] * 60 + [20] * 20 + [30] * 2 + [41] * 3 + [100] * 5 + [180] * 1 + [250] * 4
+    merged = merged_bucket_lengths(lengths, settings_, min_share=0.1)
+    assert merged == (16, 24, 48, 280)     # 8 -> 16; 32 -> 48 (the largest short one); 140, 210 -> 280
+    allowed = dataclasses.replace(settings_, lengths=merged)
+    assert [padded_length(n, allowed) for n in (3, 16, 17, 25, 49, 70, 71, 141)] == [16, 16, 24, 48, 56, 70, 280, 280]
+    assert padded_length(300, allowed) == 350          # longer than every allowed length: its own bucket
+    assert merged_bucket_lengths(lengths, settings_, min_share=0.0) == (8, 16, 24, 32, 48, 140, 210, 280)
+
+
+def test_merged_lengths_keep_every_batch_of_the_data_on_an_allowed_shape():
+    rng = np.random.default_rng(0)
+    documents = [np.arange(2, 2 + n, dtype=np.int32) for n in rng.integers(3, 300, size=200)]
+    settings_ = ClassifierBatchSettings(batch_size=8, seq_len=70, max_len=None, bucket_multiple=70,
+                                        short_bucket_multiple=8)
+    allowed = dataclasses.replace(settings_, lengths=merged_bucket_lengths([len(d) for d in documents], settings_))
+    shapes = {batch.tokens.shape[1] for batch in classifier_batches(documents, None, allowed, train=True,
+                                                                    rng=np.random.RandomState(0))}
+    assert shapes <= set(allowed.lengths)

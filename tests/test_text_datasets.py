@@ -9,7 +9,7 @@ import json
 import pytest
 
 from ulmfit_jax.text.datasets import (DataFormatError, decode, read_csv, read_dataset, read_generic, read_imdb,
-                                      read_jsonl, read_mr, read_sst, read_text_folder, read_trec,
+                                      read_jsonl, read_jsonl_prefix, read_mr, read_sst, read_text_folder, read_trec,
                                       read_wikitext, data_dir, split_wikitext_articles)
 
 DATA = data_dir()
@@ -156,3 +156,16 @@ def test_undecodable_bytes_are_replaced_and_counted(tmp_path):
     path.write_bytes(b'{"text": "ok \xff", "label": "a"}\n')
     dataset = read_generic(path, "jsonl")
     assert dataset.splits["train"].texts == ["ok \ufffd"] and dataset.decode_replacements == 1
+
+
+def test_jsonl_prefix_stops_once_it_has_the_words(tmp_path):
+    path = tmp_path / "corpus.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as handle:
+        for i in range(5):
+            handle.write(json.dumps({"text": " ".join(["w"] * 10) + f" {i}"}) + "\n")
+    assert len(read_jsonl_prefix(path, 20)) == 2          # 11 + 11 words >= 20
+    assert len(read_jsonl_prefix(path, 1000)) == 5        # the whole file when it is shorter
+    with gzip.open(path, "at", encoding="utf-8") as handle:
+        handle.write(json.dumps({"body": "no text"}) + "\n")
+    with pytest.raises(DataFormatError, match=r"corpus.jsonl.gz:6: the record has no 'text' field"):
+        read_jsonl_prefix(path, 1000)

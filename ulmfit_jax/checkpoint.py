@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -124,8 +125,12 @@ def load_model(directory) -> dict:
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory} is not a ulmfit_jax model directory: {name} is missing")
     config = config_from_dict(json.loads((directory / "config.json").read_text()))
-    with np.load(directory / "params.npz", allow_pickle=False) as archive:
-        flat = {k: archive[k] for k in archive.files}
+    try:
+        with np.load(directory / "params.npz", allow_pickle=False) as archive:
+            flat = {k: archive[k] for k in archive.files}
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as error:
+        raise ValueError(f"{directory / 'params.npz'} is corrupt or partial ({type(error).__name__}: {error})") \
+            from error
     stats = {k[len("batch_stats/"):]: v for k, v in flat.items() if k.startswith("batch_stats/")}
     params = unflatten_tree({k: v for k, v in flat.items() if not k.startswith("batch_stats/")})
     vocab = json.loads((directory / "vocab.json").read_text())

@@ -407,10 +407,12 @@ def fit_classifier(params, batch_stats, config: ClassifierConfig, train_document
 
     Returns (params, batch_stats, history, throughput).
     """
-    from ulmfit_jax.text.batches import classifier_batches
+    from ulmfit_jax.text.batches import classifier_batches, merged_bucket_lengths
     mesh = parallel.data_mesh() if mesh is None else mesh
     labels = optim.layer_group_labels(params, "classifier")
     settings = classifier_batch_settings(config, batch_size, backwards)
+    settings = dataclasses.replace(settings, lengths=merged_bucket_lengths([len(d) for d in train_documents],
+                                                                           settings))
     steps_per_epoch = len(train_documents) // batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"the training set has {len(train_documents)} documents: fewer than one batch of {batch_size}")

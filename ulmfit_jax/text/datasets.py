@@ -282,6 +282,20 @@ def read_trec(path: str | os.PathLike, fine: bool = False) -> RawDataset:
     return dataset
 
 
+def read_jsonl_prefix(path: str | os.PathLike, max_words: int, text_field: str = "text") -> list[str]:
+    """The first records' texts of a (gzipped) JSON-lines file, stopping once they hold at least
+    `max_words` whitespace-separated words (a corpus prefix, e.g. of `enwiki/AA.jsonl.gz`)."""
+    texts, words = [], 0
+    for number, record, _ in iter_jsonl(path):
+        if text_field not in record:
+            raise DataFormatError(f"{path}:{number}: the record has no {text_field!r} field")
+        texts.append(record[text_field])
+        words += len(texts[-1].split())
+        if words >= max_words:
+            break
+    return texts
+
+
 def read_sst(path: str | os.PathLike, fine: bool = False) -> RawDataset:
     """SST-2 (stsa.binary.*) or SST-5 (stsa.fine.*): '<label> <sentence>' a line."""
     path = _require(pathlib.Path(path), "sst")
