@@ -25,6 +25,13 @@ def run(script, *args, timeout=600):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def run_failing(script, *args, timeout=300):
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *map(str, args)],
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode != 0, result.stdout[-2000:]
+    return result.stderr
+
+
 def test_three_stages_evaluate_and_predict(tmp_path):
     data = tmp_path / "trec"
     prepared = run("prepare_data.py", "--input", TREC, "--format", "trec6", "--out", data, "--no-progress")
@@ -49,6 +56,16 @@ def test_three_stages_evaluate_and_predict(tmp_path):
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["text"] for line in lines] == ["Who wrote Hamlet ?", "How far is Mars ?"]
     assert all(abs(sum(line["probabilities"].values()) - 1) < 1e-4 for line in lines)
+
+    # data numericalized with another vocabulary is refused, before anything is trained or written
+    other = tmp_path / "trec_min_freq_5"
+    run("prepare_data.py", "--input", TREC, "--format", "trec6", "--out", other, "--min-freq", "5", "--no-progress")
+    refused = run_failing("train_classifier.py", "--data", other, "--encoder", finetuned["encoder"], "--out",
+                          tmp_path / "refused", *TINY, "--max-steps", "1")
+    assert "the encoder's vocabulary" in refused and "is not the data's" in refused
+    assert not (tmp_path / "refused" / "last").exists()
+    refused = run_failing("evaluate.py", "--model", tmp_path / "clas" / "last", "--data", other, "--split", "test")
+    assert "the model's vocabulary is not the data's" in refused
 
 
 def test_sigterm_saves_a_checkpoint_and_a_rerun_resumes(tmp_path):

@@ -108,6 +108,17 @@ def test_nan_loss_stops_with_the_step_named(tmp_path):
                                  checkpointer=checkpoint.TrainingCheckpointer(tmp_path / "c"))
 
 
+def test_a_training_set_too_small_for_one_batch_is_a_clear_error():
+    stages = [train.Stage(1, optim.OptimizerConfig())]
+    params = models.init_language_model(jax.random.PRNGKey(0), LM_CONFIG)
+    with pytest.raises(ValueError, match="the training set has 0 tokens: too few for one batch of 4 x 5"):
+        train.fit_language_model(params, LM_CONFIG, [], None, stages, batch_size=4, bptt=5)
+    params, stats = models.init_classifier(jax.random.PRNGKey(0), CLAS_CONFIG)
+    with pytest.raises(ValueError, match="the training set has 3 documents: fewer than one batch of 8"):
+        train.fit_classifier(params, stats, CLAS_CONFIG, documents(3), np.zeros(3, int), None, None, stages,
+                             batch_size=8)
+
+
 def test_macro_f1_by_hand():
     predictions, targets = np.array([0, 0, 1, 2, 2]), np.array([0, 1, 1, 2, 0])
     # class 0: tp 1 fp 1 fn 1 -> 0.5; class 1: tp 1 fp 0 fn 1 -> 2/3; class 2: tp 1 fp 1 fn 0 -> 2/3

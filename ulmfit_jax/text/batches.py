@@ -262,7 +262,8 @@ def padded_length(longest: int, settings: ClassifierBatchSettings) -> int:
     width = _bucket_length(longest, settings)
     if settings.lengths is not None:
         # the same kind only (within one window, or whole windows); none large enough: its own bucket
-        same_kind = [n for n in settings.lengths if n >= width and (n <= settings.seq_len) == (width <= settings.seq_len)]
+        short = width <= settings.seq_len
+        same_kind = [n for n in settings.lengths if n >= width and (n <= settings.seq_len) == short]
         return same_kind[0] if same_kind else width
     return width
 
@@ -272,10 +273,10 @@ def merged_bucket_lengths(document_lengths, settings: ClassifierBatchSettings, m
     less than `min_share` of the documents merged into the next larger one of the same kind (within
     one `seq_len` window, or whole windows), the largest of each kind kept.
 
-    Every shape costs a compile per training stage (seconds on a CPU), while a rare shape serves a
-    few batches an epoch: on TREC-6 the 8-token and 32-token buckets hold 8% and 2% of the
-    questions, and merging them leaves 3 shapes instead of 5 for less than 1 s of extra padding
-    an epoch. -> increasing tuple for `ClassifierBatchSettings.lengths`."""
+    Every shape costs a compile per training stage (~3 s on this 2-core CPU), while a rare shape
+    serves a few batches an epoch: of TREC-6's training questions the 8-, 32-, 40- and 48-token
+    buckets hold 9.6%, 2.7%, 0.4% and 0.02%; merged, 3 shapes (16, 24, 48) remain instead of 6, for
+    about 0.4 s of extra padding an epoch. -> increasing tuple for `ClassifierBatchSettings.lengths`."""
     lengths = np.asarray(document_lengths, dtype=np.int64)
     if settings.max_len is not None:
         lengths = np.minimum(lengths, settings.max_len)
