@@ -29,6 +29,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ulmfit_jax import checkpoint, convert, models, optim, train  # noqa: E402
+from ulmfit_jax.cli import add_compilation_cache_flag, use_compilation_cache  # noqa: E402
 from ulmfit_jax.config import awd_lstm_clas_config, awd_lstm_lm_config  # noqa: E402
 from ulmfit_jax.text.datasets import read_jsonl_prefix, read_trec  # noqa: E402
 from ulmfit_jax.text.download import ChecksumError, download_verified  # noqa: E402
@@ -173,6 +174,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--from-scratch", action="store_true", help="skip stages 1-2 (the baseline)")
     parser.add_argument("--no-download", action="store_true", help="only say what is missing")
+    add_compilation_cache_flag(parser)
     for field in dataclasses.fields(Recipe):
         parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default,
                             help=f"(default {field.default})")
@@ -180,6 +182,7 @@ def main(argv=None):
     recipe = Recipe(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Recipe)})
     needed = [name for name in DATA_FILES if not (args.from_scratch and name.startswith("enwiki/"))]
     ensure_data(args.data_dir, needed, download=not args.no_download)
+    use_compilation_cache(args.compilation_cache)
 
     start = time.time()
     trec = read_trec(args.data_dir / "trec")

@@ -90,12 +90,14 @@ def test_classifier_learns_a_separable_task_with_gradual_unfreezing():
     params, stats = models.init_classifier(jax.random.PRNGKey(0), config)
     stage = lambda epochs, lr, trainable: train.Stage(epochs, optim.OptimizerConfig(
         learning_rate=optim.Slice(lr / 2.6 ** 3, lr)), trainable)
-    stages = [stage(1, 3e-2, optim.freeze_to(-1, 4)), stage(1, 3e-2, optim.freeze_to(-2, 4)), stage(6, 3e-2, None)]
+    # 12 epochs: the task is learnt (accuracy 0.99-1.0 for 3 initialisations) with a margin, so the
+    # test does not hang on one lucky trajectory (6 epochs ended anywhere in 0.45-0.6)
+    stages = [stage(1, 3e-2, optim.freeze_to(-1, 4)), stage(1, 3e-2, optim.freeze_to(-2, 4)), stage(12, 3e-2, None)]
     initial_embed = np.array(params["encoder"]["embed"])
     params, stats, history, _ = train.fit_classifier(params, stats, config, docs, labels, docs, labels, stages,
                                                      batch_size=8, seed=0)
     assert [h["trainable"] for h in history[:3]] == [[3], [2, 3], [0, 1, 2, 3]]
-    assert history[-1]["valid_accuracy"] > 0.55 and history[-1]["valid_accuracy"] > history[0]["valid_accuracy"]
+    assert history[-1]["valid_accuracy"] > 0.9 and history[0]["valid_accuracy"] < 0.6
     assert not np.array_equal(initial_embed, params["encoder"]["embed"])
 
 

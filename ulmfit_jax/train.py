@@ -255,6 +255,33 @@ def _run_stages(stages, steps_per_epoch: int, *, kind: str, params, carry, build
     from tqdm.auto import tqdm
     bar = tqdm(total=total_steps, initial=step, unit="step", disable=not progress, leave=False,
                dynamic_ncols=True)
+    # One step in flight: step k+1 is dispatched before step k's loss is read, so the host prepares
+    # the next batch while the device computes (on GPU / TPU the loss read would otherwise idle it).
+    # `pending` is (step number, metrics, seconds if it ran synchronously, else None).
+    pending, clock, epoch_losses = None, time.perf_counter(), []
+
+    def settle():
+        """Wait for the step in flight, check its loss, count it."""
+        nonlocal pending, clock
+        if pending is None:
+            return
+        step_number, metrics, compile_seconds = pending
+        pending = None
+        loss = float(metrics["loss"])
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {loss} at step {step_number}; stopped, the last good checkpoint is kept"
+                + (f" in {checkpointer.directory}" if checkpointer is not None else ""))
+        now = time.perf_counter()
+        compiled_now = compile_seconds is not None
+        throughput.record(compile_seconds if compiled_now else now - clock, int(metrics["tokens"]),
+                          compiled=compiled_now)
+        clock = now
+        epoch_losses.append(loss)
+        bar.update(1)
+        bar.set_postfix(epoch=step_number // steps_per_epoch, loss=f"{loss:.3f}",
+                        tokens_per_s=f"{throughput.tokens_per_second:.0f}", refresh=False)
+
     with _SignalFlag() as signals, bar:
         while step < total_steps:
             epoch, batch_in_epoch = divmod(step, steps_per_epoch)
@@ -266,34 +293,34 @@ def _run_stages(stages, steps_per_epoch: int, *, kind: str, params, carry, build
                 carry = new_epoch_carry(carry)
             elif opt_state is None:
                 opt_state = initial_opt_state(index, params)
-            losses_sum, n = 0.0, 0
+            epoch_losses = []
             for batch_index, batch in enumerate(epoch_batches(epoch)):
                 if batch_index < batch_in_epoch:
                     continue
                 if batch_index >= steps_per_epoch or step >= total_steps:
                     break
                 key = jax.random.fold_in(base_key, step)
-                (new_params, new_opt_state, new_carry, metrics), seconds = timed(
-                    step_fn, params, opt_state, carry, batch, key, trainable)
-                loss = float(metrics["loss"])
-                if not math.isfinite(loss):
-                    raise FloatingPointError(
-                        f"loss is {loss} at step {step}; stopped, the last good checkpoint is kept"
-                        + (f" in {checkpointer.directory}" if checkpointer is not None else ""))
-                params, opt_state, carry = new_params, new_opt_state, new_carry
                 compile_key = (index, jax.tree.leaves(batch)[0].shape)
-                throughput.record(seconds, int(metrics["tokens"]), compiled=compile_key not in compiled)
-                compiled.add(compile_key)
-                losses_sum, n, step = losses_sum + loss, n + 1, step + 1
-                bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}", tokens_per_s=f"{throughput.tokens_per_second:.0f}",
-                                refresh=False)
+                if compile_key in compiled:
+                    params, opt_state, carry, metrics = step_fn(params, opt_state, carry, batch, key, trainable)
+                    settle()
+                    pending = (step, metrics, None)
+                else:      # compiles: run it alone, so that its time is compile time, not throughput
+                    settle()
+                    (params, opt_state, carry, metrics), seconds = timed(
+                        step_fn, params, opt_state, carry, batch, key, trainable)
+                    compiled.add(compile_key)
+                    pending = (step, metrics, seconds)
+                    settle()
+                step += 1
                 if signals.received is not None:
+                    settle()
                     save(step)
                     raise Interrupted(step, signals.received)
+            settle()
             if step % steps_per_epoch and step < total_steps:
                 raise RuntimeError(f"epoch {epoch} gave fewer than the {steps_per_epoch} batches expected")
-            record = {"epoch": epoch, "step": step, "train_loss": losses_sum / max(n, 1),
+            record = {"epoch": epoch, "step": step, "train_loss": sum(epoch_losses) / max(len(epoch_losses), 1),
                       "trainable": sorted(trainable), "tokens_per_s": throughput.tokens_per_second}
             record.update(evaluate(params, carry))
             history.append(record)
@@ -302,6 +329,7 @@ def _run_stages(stages, steps_per_epoch: int, *, kind: str, params, carry, build
             save(step)
             if on_epoch_end is not None:
                 on_epoch_end(record, params, carry)
+            clock = time.perf_counter()          # evaluation and saving are not training time
     return params, carry, history, throughput
 
 
