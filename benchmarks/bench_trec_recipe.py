@@ -2,7 +2,8 @@
 
 Both sides run `scripts/demo.py`'s `Recipe` (the same values, passed to the fastai side as JSON) from
 raw text to test accuracy, each in its own process on the same cores, one after the other:
-- ulmfit_jax: `scripts/demo.py --seed S [--from-scratch]` with an empty token cache.
+- ulmfit_jax: `scripts/demo.py --seed S [--from-scratch]` with an empty token cache and the
+  persistent compilation cache off (`--warm-compilation-cache`: one cache shared by the runs).
 - fastai: the same stages written the way a fastai user writes them: `tokenize_texts` (spaCy, fastai's
   rules), `make_vocab`, `LMDataLoader`, `get_language_model(AWD_LSTM, ...)` in a `TextLearner`
   (fastai's Adam, AR/TAR, `awd_lstm_lm_split`), `fit_one_cycle` with `GradientClip`, `match_embeds`,
@@ -153,7 +154,10 @@ def run_fastai(recipe: dict, data_dir: Path, seed: int, from_scratch: bool) -> d
 def run_one(side: str, seed: int, from_scratch: bool, args) -> dict:
     """One run in a fresh process -> its final JSON plus the wall time seen from outside."""
     with tempfile.TemporaryDirectory(prefix="bench_trec_") as scratch:
-        env = dict(os.environ, ULMFIT_CACHE_DIR=str(Path(scratch) / "token_cache"))
+        # cold: an empty token cache, and no compilation cache unless --warm-compilation-cache
+        compilation_cache = str(args.out / "compilation_cache") if args.warm_compilation_cache else "off"
+        env = dict(os.environ, ULMFIT_CACHE_DIR=str(Path(scratch) / "token_cache"),
+                   ULMFIT_COMPILATION_CACHE=compilation_cache)
         if side == "fastai":
             command = [sys.executable, __file__, "--run-fastai", "--seed", str(seed), "--data-dir",
                        str(args.data_dir), "--recipe", json.dumps(recipe_dict(args, from_scratch))]
@@ -232,6 +236,8 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_trec_recipe")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a Recipe field on both sides (a smaller run: --set wiki_words=100000)")
+    parser.add_argument("--warm-compilation-cache", action="store_true",
+                        help="ulmfit_jax runs share a persistent compilation cache in OUT (the first run fills it)")
     parser.add_argument("--run-fastai", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--recipe", help=argparse.SUPPRESS)
@@ -253,7 +259,8 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.jsonl"
     results = [json.loads(line) for line in results_path.read_text().splitlines()] if results_path.exists() else []
-    results = [r for r in results if r.get("recipe_overrides", {}) == args.recipe_overrides]
+    results = [r for r in results if r.get("recipe_overrides", {}) == args.recipe_overrides
+               and r.get("warm_compilation_cache", False) == args.warm_compilation_cache]
     done = {(r["side"], r["seed"], r["pretrained"]) for r in results}
     for seed in args.seeds:
         sides = ["fastai", "ulmfit_jax"] if seed % 2 == 0 else ["ulmfit_jax", "fastai"]
@@ -262,7 +269,8 @@ def main(argv=None):
                 if (side, seed, variant == "pretrained") in done:
                     continue
                 result = run_one(side, seed, variant == "scratch", args)
-                result["recipe_overrides"] = args.recipe_overrides
+                result.update(recipe_overrides=args.recipe_overrides,
+                              warm_compilation_cache=args.warm_compilation_cache)
                 results.append(result)
                 with results_path.open("a") as handle:
                     handle.write(json.dumps(result) + "\n")
