@@ -127,6 +127,16 @@ def assert_losses_close(ours, theirs, what):
     return relative.max()
 
 
+def assert_losses_match(ours, totals, fastai, what, clip):
+    """Our cross-entropies and regularised losses against fastai's recorded ones, at every step."""
+    print(f"\n{what}: max relative difference, cross-entropy {max_relative(ours, fastai.losses):.1e}, "
+          f"regularised {max_relative(totals, fastai.totals):.1e}; gradient norms "
+          f"{min(fastai.grad_norms):.3f}..{max(fastai.grad_norms):.3f} (clip {clip})")
+    assert_losses_close(ours, fastai.losses, what + " cross-entropy")
+    assert_losses_close(totals, fastai.totals, what + " cross-entropy + AR + TAR")
+    assert_trained(fastai.losses, what)
+
+
 def assert_trained(losses_, what):
     # the comparison is not vacuous: training moved the loss
     assert abs(losses_[-1] - losses_[0]) > 1e-3 * abs(losses_[0]), f"{what}: the loss did not move"
@@ -188,13 +198,7 @@ def test_language_model_training_equals_fastai_fit_one_cycle(freeze_to):
             params, opt_state, state, metrics = train_step(params, opt_state, state, tokens, targets, key, trainable)
             ours.append(float(metrics["loss"]))
 
-    what, clip = f"LM freeze_to={freeze_to}", LM_CLIP
-    print(f"\n{what}: max relative difference, cross-entropy {max_relative(ours, fastai.losses):.1e}, "
-          f"regularised {max_relative(totals, fastai.totals):.1e}; gradient norms "
-          f"{min(fastai.grad_norms):.3f}..{max(fastai.grad_norms):.3f} (clip {clip})")
-    assert_losses_close(ours, fastai.losses, what + " cross-entropy")
-    assert_losses_close(totals, fastai.totals, what + " cross-entropy + AR + TAR")
-    assert_trained(fastai.losses, what)
+    assert_losses_match(ours, totals, fastai, f"LM freeze_to={freeze_to}", LM_CLIP)
     # frozen groups untouched on both sides, trained ones equal to fastai's
     _, trained_reference = convert.import_language_model(state_dict_numpy(reference), config)
     for (path, ours_leaf), theirs, before, group in zip(
@@ -262,13 +266,7 @@ def test_classifier_training_equals_fastai_fit_one_cycle(freeze_to):
                                                                  key, trainable)
             ours.append(float(metrics["loss"]))
 
-    what, clip = f"classifier freeze_to={freeze_to}", CLAS_CLIP
-    print(f"\n{what}: max relative difference, cross-entropy {max_relative(ours, fastai.losses):.1e}, "
-          f"regularised {max_relative(totals, fastai.totals):.1e}; gradient norms "
-          f"{min(fastai.grad_norms):.3f}..{max(fastai.grad_norms):.3f} (clip {clip})")
-    assert_losses_close(ours, fastai.losses, what + " cross-entropy")
-    assert_losses_close(totals, fastai.totals, what + " cross-entropy + AR + TAR")
-    assert_trained(fastai.losses, what)
+    assert_losses_match(ours, totals, fastai, f"classifier freeze_to={freeze_to}", CLAS_CLIP)
     _, trained_reference, trained_stats = convert.import_classifier(state_dict_numpy(reference), config)
     for (path, ours_leaf), theirs, before, group in zip(
             jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(trained_reference),
