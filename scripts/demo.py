@@ -163,8 +163,9 @@ def pretrain_and_finetune(recipe: Recipe, wiki_texts, trec_ids, trec_vocab, seed
     params, _, _ = train.fit_language_model(params, lm_config, trec_ids, None, stages,
                                             batch_size=recipe.finetune_bs, bptt=recipe.bptt, seed=seed,
                                             log=log_line("finetune"), progress=True)
-    checkpoint.save_model(out / "finetuned_lm", lm_config, jax.tree.map(np.asarray, params), trec_vocab)
-    return jax.tree.map(np.asarray, params["encoder"])
+    params = jax.tree.map(np.asarray, params)
+    checkpoint.save_model(out / "finetuned_lm", lm_config, params, trec_vocab)
+    return params["encoder"]
 
 
 def main(argv=None):

@@ -293,7 +293,7 @@ def _run_stages(stages, steps_per_epoch: int, *, kind: str, params, carry, build
                 carry = new_epoch_carry(carry)
             elif opt_state is None:
                 opt_state = initial_opt_state(index, params)
-            epoch_losses = []
+            epoch_losses.clear()
             for batch_index, batch in enumerate(epoch_batches(epoch)):
                 if batch_index < batch_in_epoch:
                     continue
