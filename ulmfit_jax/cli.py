@@ -41,6 +41,30 @@ def use_compilation_cache(directory: str | os.PathLike | None = None) -> Path | 
     return Path(directory)
 
 
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+MALLOC_ENV = "ULMFIT_MALLOC"
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel.
+
+    XLA:CPU allocates every step's buffers afresh; with glibc's defaults the heap is trimmed when
+    they are freed and the next step page-faults the memory back in. Keeping up to 1 GiB at the top
+    of the heap (M_TRIM_THRESHOLD), growing it 256 MiB at a time (M_TOP_PAD) and serving blocks up
+    to 32 MiB from the heap rather than fresh mmaps (M_MMAP_THRESHOLD) made the demo's classifier
+    step 14% faster on this 2-core CPU (README "The demo"). The process's own setting only, made
+    at run time; a no-op where the C library is not glibc or ${MALLOC_ENV}=default.
+    -> whether the settings were applied."""
+    import ctypes
+    import platform
+    if os.environ.get(MALLOC_ENV) == "default" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL("libc.so.6")
+    settings = ((_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 256 << 20), (_M_MMAP_THRESHOLD, 32 << 20))
+    return all(libc.mallopt(parameter, value) == 1 for parameter, value in settings)
+
+
 def add_compilation_cache_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compilation-cache", default=None, metavar="DIR",
                         help=f"persistent compilation cache (default ${COMPILATION_CACHE_ENV} or "
@@ -74,6 +98,7 @@ def add_common_flags(parser: argparse.ArgumentParser, *, default_lr: float, defa
 
 def start(args) -> None:
     """Set-up every script does first."""
+    keep_freed_memory()
     use_compilation_cache(args.compilation_cache)
     if args.distributed:
         from ulmfit_jax import parallel
