@@ -29,7 +29,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ulmfit_jax import checkpoint, convert, models, optim, train  # noqa: E402
-from ulmfit_jax.cli import add_compilation_cache_flag, use_compilation_cache  # noqa: E402
+from ulmfit_jax.cli import add_compilation_cache_flag, keep_freed_memory, use_compilation_cache  # noqa: E402
 from ulmfit_jax.config import awd_lstm_clas_config, awd_lstm_lm_config  # noqa: E402
 from ulmfit_jax.text.datasets import read_jsonl_prefix, read_trec  # noqa: E402
 from ulmfit_jax.text.download import ChecksumError, download_verified  # noqa: E402
@@ -135,7 +135,30 @@ def log_line(stage):
     return log
 
 
-def pretrain_and_finetune(recipe: Recipe, wiki_texts, trec_ids, trec_vocab, seed: int, out: Path):
+def finetune_plan(recipe: Recipe, vocab_size: int):
+    """Stage 2's model and stages: (LM config, [train.Stage])."""
+    lm_config = awd_lstm_lm_config(vocab_size, drop_mult=recipe.finetune_drop_mult, emb_size=recipe.emb_sz,
+                                   n_hidden=recipe.n_hid, n_layers=recipe.n_layers)
+    adam = lambda lr: optim.OptimizerConfig(learning_rate=lr, weight_decay=recipe.weight_decay)
+    return lm_config, [train.Stage(1, adam(recipe.finetune_frozen_lr), optim.freeze(recipe.n_layers + 1)),
+                       train.Stage(recipe.finetune_epochs, adam(recipe.finetune_lr))]
+
+
+def classifier_plan(recipe: Recipe, vocab_size: int, n_classes: int, from_scratch: bool):
+    """Stage 3's model and stages: (classifier config, [train.Stage]), gradual unfreezing with
+    discriminative learning rates slice(lr / factor**4, lr)."""
+    clas_config = awd_lstm_clas_config(vocab_size, n_classes, drop_mult=recipe.classifier_drop_mult,
+                                       bptt=recipe.bptt, emb_size=recipe.emb_sz, n_hidden=recipe.n_hid,
+                                       n_layers=recipe.n_layers)
+    count = recipe.n_layers + 2
+    stages = [train.Stage(epochs, optim.OptimizerConfig(learning_rate=optim.Slice(lr / recipe.lr_factor ** 4, lr),
+                                                        weight_decay=recipe.weight_decay),
+                          None if freeze_to is None else optim.freeze_to(freeze_to, count))
+              for epochs, lr, freeze_to in recipe.classifier_stages(from_scratch)]
+    return clas_config, stages
+
+
+def pretrain_and_finetune(recipe: Recipe, wiki_texts, trec_ids, trec_vocab, seed: int, out: Path, ahead=None):
     """Stages 1 and 2 -> the fine-tuned encoder's parameters."""
     wiki = tokenize_corpus(wiki_texts, progress=False)
     wiki_vocab = make_vocab(wiki.counts(), min_freq=recipe.wiki_min_freq, max_vocab=recipe.max_vocab)
@@ -155,14 +178,10 @@ def pretrain_and_finetune(recipe: Recipe, wiki_texts, trec_ids, trec_vocab, seed
 
     params = jax.tree.map(np.asarray, params)
     params = convert.match_embeddings(params, wiki_vocab, trec_vocab)
-    lm_config = awd_lstm_lm_config(len(trec_vocab), drop_mult=recipe.finetune_drop_mult, **sizes)
-    count = recipe.n_layers + 1
-    adam = lambda lr: optim.OptimizerConfig(learning_rate=lr, weight_decay=recipe.weight_decay)
-    stages = [train.Stage(1, adam(recipe.finetune_frozen_lr), optim.freeze(count)),
-              train.Stage(recipe.finetune_epochs, adam(recipe.finetune_lr))]
+    lm_config, stages = finetune_plan(recipe, len(trec_vocab))
     params, _, _ = train.fit_language_model(params, lm_config, trec_ids, None, stages,
                                             batch_size=recipe.finetune_bs, bptt=recipe.bptt, seed=seed,
-                                            log=log_line("finetune"), progress=True)
+                                            log=log_line("finetune"), progress=True, ahead=ahead)
     params = jax.tree.map(np.asarray, params)
     checkpoint.save_model(out / "finetuned_lm", lm_config, params, trec_vocab)
     return params["encoder"]
@@ -183,6 +202,7 @@ def main(argv=None):
     recipe = Recipe(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Recipe)})
     needed = [name for name in DATA_FILES if not (args.from_scratch and name.startswith("enwiki/"))]
     ensure_data(args.data_dir, needed, download=not args.no_download)
+    keep_freed_memory()
     use_compilation_cache(args.compilation_cache)
 
     start = time.time()
@@ -199,26 +219,31 @@ def main(argv=None):
     train_labels = np.array([classes.index(c) for c in trec.splits["train"].labels])
     test_labels = np.array([classes.index(c) for c in trec.splits["test"].labels])
 
+    # Stages 2 and 3 compile in a background thread while stage 1 trains (their shapes are known now)
+    clas_config, stages = classifier_plan(recipe, len(trec_vocab), len(classes), args.from_scratch)
+    ahead = train.CompileAhead()
+    if not args.from_scratch:
+        finetune_config, finetune_stages = finetune_plan(recipe, len(trec_vocab))
+        train.compile_language_model_ahead(
+            ahead, jax.eval_shape(lambda: models.init_language_model(jax.random.PRNGKey(0), finetune_config)),
+            finetune_config, sum(map(len, trec_ids)), finetune_stages, batch_size=recipe.finetune_bs, bptt=recipe.bptt)
+    train.compile_classifier_ahead(ahead, *jax.eval_shape(lambda: models.init_classifier(jax.random.PRNGKey(0),
+                                                                                          clas_config)),
+                                   clas_config, trec_ids, stages, batch_size=recipe.classifier_bs)
     encoder_params = None
     if not args.from_scratch:
         wiki_texts = read_jsonl_prefix(args.data_dir / "enwiki/AA.jsonl.gz", recipe.wiki_words)
-        encoder_params = pretrain_and_finetune(recipe, wiki_texts, trec_ids, trec_vocab, args.seed, args.out)
+        encoder_params = pretrain_and_finetune(recipe, wiki_texts, trec_ids, trec_vocab, args.seed, args.out, ahead)
 
     # Stage 3: the classifier, gradual unfreezing with discriminative learning rates
-    clas_config = awd_lstm_clas_config(len(trec_vocab), len(classes), drop_mult=recipe.classifier_drop_mult,
-                                       bptt=recipe.bptt, emb_size=recipe.emb_sz, n_hidden=recipe.n_hid,
-                                       n_layers=recipe.n_layers)
     params, batch_stats = models.init_classifier(jax.random.PRNGKey(args.seed + 1), clas_config)
     if encoder_params is not None:
         params["encoder"] = encoder_params
-    count = recipe.n_layers + 2
-    stages = [train.Stage(epochs, optim.OptimizerConfig(learning_rate=optim.Slice(lr / recipe.lr_factor ** 4, lr),
-                                                        weight_decay=recipe.weight_decay),
-                          None if freeze_to is None else optim.freeze_to(freeze_to, count))
-              for epochs, lr, freeze_to in recipe.classifier_stages(args.from_scratch)]
     params, batch_stats, _, _ = train.fit_classifier(params, batch_stats, clas_config, trec_ids, train_labels,
                                                      None, None, stages, batch_size=recipe.classifier_bs,
-                                                     seed=args.seed, log=log_line("classifier"), progress=True)
+                                                     seed=args.seed, log=log_line("classifier"), progress=True,
+                                                     ahead=ahead)
+    ahead.close()
     probabilities = train.predict_classifier(train.classifier_predictor(clas_config), params, batch_stats,
                                              test_ids, train.classifier_batch_settings(clas_config,
                                                                                        recipe.classifier_bs))

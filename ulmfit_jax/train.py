@@ -117,6 +117,132 @@ def classifier_predictor(config: ClassifierConfig, compute_dtype=None):
 
 
 # ----------------------------------------------------------------------------------------------
+# Stage steps, and compiling them ahead
+
+@functools.lru_cache(maxsize=32)
+def stage_step(kind: str, config, optimizer_config: optim.OptimizerConfig, structure, stage_steps: int,
+               trainable: frozenset[int], regularization: RegularizationConfig = RegularizationConfig(),
+               compute_dtype=None):
+    """(optimizer, jitted train step) of one training stage, memoised on its arguments (all hashable;
+    `structure` is the parameters' `jax.tree.structure`): the same stage built twice is the same jitted
+    function, so what `CompileAhead` compiled is what the training loop calls."""
+    params_like = jax.tree.unflatten(structure, [0] * structure.num_leaves)      # groups come from paths only
+    labels = optim.layer_group_labels(params_like, kind)
+    optimizer = optim.make_optimizer(optimizer_config, params_like, kind, stage_steps, trainable)
+    make_step = make_language_model_train_step if kind == "lm" else make_classifier_train_step
+    return optimizer, make_step(config, optimizer, labels, regularization=regularization,
+                                train_bn=optimizer_config.train_bn, compute_dtype=compute_dtype)
+
+
+class CompileAhead:
+    """Compiles train steps in one background thread while the main thread does something else
+    (the demo: the classifier's 12 steps and the fine-tuning's 2 while it pretrains).
+
+    `submit(train_step, *args, trainable=..., batch_shape=...)` lowers and compiles with `args` given
+    as `jax.ShapeDtypeStruct`s (shape, dtype, sharding: what the loop's call will see), which fills
+    jit's in-memory caches: the loop's first call of that step and batch shape then runs at once.
+    `wait(train_step, batch_shape)` blocks while such a compile is in progress, so the loop never
+    compiles the same program a second time beside it. Use `compile_language_model_ahead` /
+    `compile_classifier_ahead` and pass the same object to the fit as `ahead=`. In the demo on 2
+    CPU cores this took ~26 s of compiling off the critical path, and pretraining kept its
+    throughput (README "The demo")."""
+
+    def __init__(self):
+        import concurrent.futures
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile-ahead")
+        self._futures = {}
+
+    def submit(self, train_step, *args, trainable: frozenset[int], batch_shape: tuple[int, ...]) -> None:
+        key = (train_step, tuple(batch_shape))
+        if key not in self._futures:
+            self._futures[key] = self._executor.submit(
+                lambda: train_step.lower(*args, trainable).compile())      # positional, as the loop calls it
+
+    def wait(self, train_step, batch_shape: tuple[int, ...]) -> None:
+        future = self._futures.get((train_step, tuple(batch_shape)))
+        if future is not None:
+            future.result()           # a failed compile raises here, in the loop
+
+    def close(self) -> None:
+        """Wait for every submitted compile to finish."""
+        self._executor.shutdown(wait=True)
+
+
+def _spec(tree, sharding):
+    """Every leaf -> `jax.ShapeDtypeStruct` with `sharding` (leaves may be arrays or specs), not weakly
+    typed: the loop's `device_put` onto the mesh drops weak types, and jit keys its cache on them."""
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), tree)
+
+
+def _step_specs(kind, params, optimizer, trainable, train_bn, mesh):
+    """Specs of (params, opt_state) as the loop holds them: replicated over the mesh."""
+    from jax.sharding import NamedSharding, PartitionSpec
+    replicated = NamedSharding(mesh, PartitionSpec())
+    params = _spec(params, replicated)
+    labels = optim.layer_group_labels(params, kind)
+    trained = optim.split_trainable(params, labels, trainable, train_bn)[0]
+    return params, _spec(jax.eval_shape(optimizer.init, trained), replicated)
+
+
+def _stage_trainable(stage, count):
+    return optim.unfreeze(count) if stage.trainable is None else frozenset(stage.trainable)
+
+
+def compile_language_model_ahead(ahead: CompileAhead, params, config: LanguageModelConfig, n_train_tokens: int,
+                                 stages, *, batch_size: int = 64, bptt: int = 70,
+                                 regularization: RegularizationConfig = RegularizationConfig(),
+                                 compute_dtype=None, mesh=None) -> None:
+    """Submit the train steps `fit_language_model` will run with these arguments (`params`: arrays or
+    `jax.eval_shape` specs of them; `n_train_tokens`: the training documents' total length)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+    mesh = parallel.data_mesh() if mesh is None else mesh
+    steps_per_epoch = _language_model_steps_per_epoch(n_train_tokens, batch_size, bptt)
+    structure = jax.tree.structure(params)
+    count = optim.n_groups(optim.layer_group_labels(params, "lm"))
+    sharded = NamedSharding(mesh, PartitionSpec("data"))
+    state = _spec(encoder.initial_state(config.encoder, batch_size), sharded)
+    windows = jax.ShapeDtypeStruct((batch_size, bptt), np.int32, sharding=sharded)
+    for stage in stages:
+        trainable = _stage_trainable(stage, count)
+        optimizer, train_step = stage_step("lm", config, stage.optimizer, structure, stage.epochs * steps_per_epoch,
+                                           trainable, regularization, compute_dtype)
+        params_spec, opt_state_spec = _step_specs("lm", params, optimizer, trainable, stage.optimizer.train_bn, mesh)
+        ahead.submit(train_step, params_spec, opt_state_spec, state, windows, windows, _example_key(),
+                     trainable=trainable, batch_shape=windows.shape)
+
+
+def compile_classifier_ahead(ahead: CompileAhead, params, batch_stats, config: ClassifierConfig,
+                             train_documents, stages, *, batch_size: int = 64, backwards: bool = False,
+                             regularization: RegularizationConfig = RegularizationConfig(),
+                             compute_dtype=None, mesh=None) -> None:
+    """Submit the train steps `fit_classifier` will run with these arguments, every stage and batch
+    shape, in order (`params`, `batch_stats`: arrays or `jax.eval_shape` specs of them)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+    mesh = parallel.data_mesh() if mesh is None else mesh
+    settings, steps_per_epoch = _classifier_layout(config, train_documents, batch_size, backwards)
+    structure = jax.tree.structure(params)
+    count = optim.n_groups(optim.layer_group_labels(params, "classifier"))
+    sharded = NamedSharding(mesh, PartitionSpec("data"))
+    stats = _spec(batch_stats, NamedSharding(mesh, PartitionSpec()))
+    targets = jax.ShapeDtypeStruct((batch_size,), np.int32, sharding=sharded)
+    for stage in stages:
+        trainable = _stage_trainable(stage, count)
+        optimizer, train_step = stage_step("classifier", config, stage.optimizer, structure,
+                                           stage.epochs * steps_per_epoch, trainable, regularization, compute_dtype)
+        params_spec, opt_state_spec = _step_specs("classifier", params, optimizer, trainable,
+                                                  stage.optimizer.train_bn, mesh)
+        for length in settings.lengths:
+            tokens = jax.ShapeDtypeStruct((batch_size, length), np.int32, sharding=sharded)
+            ahead.submit(train_step, params_spec, stats, opt_state_spec, tokens, targets, _example_key(),
+                         trainable=trainable, batch_shape=tokens.shape)
+
+
+def _example_key():
+    """A dropout key as the loop makes them (`fold_in` of the base key: an uncommitted array)."""
+    return jax.random.fold_in(jax.random.PRNGKey(0), 0)
+
+
+# ----------------------------------------------------------------------------------------------
 # Metrics
 
 def macro_f1(predictions: np.ndarray, targets: np.ndarray, n_classes: int) -> float:
@@ -338,36 +464,42 @@ def _log(log, record):
         log(record)
 
 
+def _language_model_steps_per_epoch(n_tokens: int, batch_size: int, bptt: int) -> int:
+    from ulmfit_jax.text.batches import lm_layout
+    if n_tokens <= batch_size * bptt:
+        raise ValueError(f"the training set has {n_tokens} tokens: too few for one batch of {batch_size} x {bptt}")
+    row_length, _, _ = lm_layout(n_tokens, batch_size, bptt)
+    return row_length // bptt
+
+
 def fit_language_model(params, config: LanguageModelConfig, train_documents, valid_documents, stages, *,
                        batch_size: int = 64, bptt: int = 70, seed: int = 0, backwards: bool = False,
                        regularization: RegularizationConfig = RegularizationConfig(), max_steps: int | None = None,
                        compute_dtype=None, mesh=None, checkpointer=None, log=None, on_epoch_end=None,
-                       progress: bool = False):
+                       progress: bool = False, ahead: CompileAhead | None = None):
     """Train an LM over `stages`; validation loss / perplexity / accuracy after every epoch.
 
     train_documents, valid_documents: lists of int32 token arrays (documents are shuffled each
     epoch and concatenated: fastai's LMDataLoader). The last, shorter window of an epoch is dropped
     in training, so every step has one shape; validation uses all of it.
+    `ahead`: where `compile_language_model_ahead` submitted these stages' steps.
     Returns (params, history: per-epoch records, throughput).
     """
     from ulmfit_jax.evaluation import evaluate_language_model
-    from ulmfit_jax.text.batches import LMBatchSettings, concatenate_documents, lm_epoch, lm_layout
+    from ulmfit_jax.text.batches import LMBatchSettings, concatenate_documents, lm_epoch
     mesh = parallel.data_mesh() if mesh is None else mesh
-    labels = optim.layer_group_labels(params, "lm")
     settings = LMBatchSettings(batch_size=batch_size, seq_len=bptt, backwards=backwards)
-    n_tokens = sum(len(d) for d in train_documents)
-    if n_tokens <= batch_size * bptt:
-        raise ValueError(f"the training set has {n_tokens} tokens: too few for one batch of {batch_size} x {bptt}")
-    row_length, _, _ = lm_layout(n_tokens, batch_size, bptt)
-    steps_per_epoch = row_length // bptt
+    steps_per_epoch = _language_model_steps_per_epoch(sum(len(d) for d in train_documents), batch_size, bptt)
     valid_stream = concatenate_documents(valid_documents, backwards=backwards) if valid_documents else None
+    structure = jax.tree.structure(params)
 
     def build_stage(stage, trainable, stage_steps):
-        optimizer = optim.make_optimizer(stage.optimizer, params, "lm", stage_steps, trainable)
-        train_step = make_language_model_train_step(config, optimizer, labels, regularization=regularization,
-                                                  train_bn=stage.optimizer.train_bn, compute_dtype=compute_dtype)
+        optimizer, train_step = stage_step("lm", config, stage.optimizer, structure, stage_steps, trainable,
+                                           regularization, compute_dtype)
 
         def step_fn(params, opt_state, state, batch, key, trainable):
+            if ahead is not None:
+                ahead.wait(train_step, batch[0].shape)
             params, opt_state, state, metrics = train_step(params, opt_state, state, *batch, key, trainable)
             return params, opt_state, state, dict(metrics, tokens=batch[0].size)
         return optimizer, step_fn
@@ -426,33 +558,42 @@ def classifier_batch_settings(config: ClassifierConfig, batch_size: int, backwar
                                    backwards=backwards)
 
 
-def fit_classifier(params, batch_stats, config: ClassifierConfig, train_documents, train_labels,
-                   valid_documents, valid_labels, stages, *, batch_size: int = 64, seed: int = 0,
-                   backwards: bool = False, regularization: RegularizationConfig = RegularizationConfig(),
-                   max_steps: int | None = None, compute_dtype=None, mesh=None, checkpointer=None, log=None,
-                   on_epoch_end=None, progress: bool = False):
-    """Train the classifier over `stages` (gradual unfreezing: one stage per trainable set).
-
-    Returns (params, batch_stats, history, throughput).
-    """
-    from ulmfit_jax.text.batches import classifier_batches, merged_bucket_lengths
-    mesh = parallel.data_mesh() if mesh is None else mesh
-    labels = optim.layer_group_labels(params, "classifier")
+def _classifier_layout(config: ClassifierConfig, train_documents, batch_size: int, backwards: bool):
+    """-> (batch settings with the training set's merged bucket lengths, steps per epoch)."""
+    from ulmfit_jax.text.batches import merged_bucket_lengths
     settings = classifier_batch_settings(config, batch_size, backwards)
     settings = dataclasses.replace(settings, lengths=merged_bucket_lengths([len(d) for d in train_documents],
                                                                            settings))
     steps_per_epoch = len(train_documents) // batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"the training set has {len(train_documents)} documents: fewer than one batch of {batch_size}")
+    return settings, steps_per_epoch
+
+
+def fit_classifier(params, batch_stats, config: ClassifierConfig, train_documents, train_labels,
+                   valid_documents, valid_labels, stages, *, batch_size: int = 64, seed: int = 0,
+                   backwards: bool = False, regularization: RegularizationConfig = RegularizationConfig(),
+                   max_steps: int | None = None, compute_dtype=None, mesh=None, checkpointer=None, log=None,
+                   on_epoch_end=None, progress: bool = False, ahead: CompileAhead | None = None):
+    """Train the classifier over `stages` (gradual unfreezing: one stage per trainable set).
+
+    `ahead`: where `compile_classifier_ahead` submitted these stages' steps.
+    Returns (params, batch_stats, history, throughput).
+    """
+    from ulmfit_jax.text.batches import classifier_batches
+    mesh = parallel.data_mesh() if mesh is None else mesh
+    settings, steps_per_epoch = _classifier_layout(config, train_documents, batch_size, backwards)
     predict = classifier_predictor(config, compute_dtype)
+    structure = jax.tree.structure(params)
 
     def build_stage(stage, trainable, stage_steps):
-        optimizer = optim.make_optimizer(stage.optimizer, params, "classifier", stage_steps, trainable)
-        train_step = make_classifier_train_step(config, optimizer, labels, regularization=regularization,
-                                              train_bn=stage.optimizer.train_bn, compute_dtype=compute_dtype)
+        optimizer, train_step = stage_step("classifier", config, stage.optimizer, structure, stage_steps, trainable,
+                                           regularization, compute_dtype)
 
         def step_fn(params, opt_state, batch_stats, batch, key, trainable):
             tokens, targets, n_tokens = batch
+            if ahead is not None:
+                ahead.wait(train_step, tokens.shape)
             params, batch_stats, opt_state, metrics = train_step(params, batch_stats, opt_state, tokens, targets,
                                                                  key, trainable)
             return params, opt_state, batch_stats, dict(metrics, tokens=n_tokens)
