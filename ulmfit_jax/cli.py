@@ -53,8 +53,9 @@ def keep_freed_memory() -> bool:
     they are freed and the next step page-faults the memory back in. Keeping up to 1 GiB at the top
     of the heap (M_TRIM_THRESHOLD), growing it 256 MiB at a time (M_TOP_PAD) and serving blocks up
     to 32 MiB from the heap rather than fresh mmaps (M_MMAP_THRESHOLD) made the demo's classifier
-    step 14% faster on this 2-core CPU (README "The demo"). The process's own setting only, made
-    at run time; a no-op where the C library is not glibc or ${MALLOC_ENV}=default.
+    step 14% faster on this 2-core CPU, the from-scratch demo 9% (README "The demo"). The process's
+    own setting only, made at run time; a no-op where the C library is not glibc, or with
+    $ULMFIT_MALLOC=default.
     -> whether the settings were applied."""
     import ctypes
     import platform
