@@ -158,6 +158,19 @@ def classifier_plan(recipe: Recipe, vocab_size: int, n_classes: int, from_scratc
     return clas_config, stages
 
 
+def compile_ahead(ahead, recipe: Recipe, clas_config, clas_stages, trec_ids, vocab_size: int, from_scratch: bool):
+    """Submit stages 2 and 3's train steps (their shapes are known before stage 1 starts), to compile
+    in the background while stage 1 pretrains."""
+    if not from_scratch:
+        lm_config, lm_stages = finetune_plan(recipe, vocab_size)
+        train.compile_language_model_ahead(
+            ahead, jax.eval_shape(lambda: models.init_language_model(jax.random.PRNGKey(0), lm_config)), lm_config,
+            sum(map(len, trec_ids)), lm_stages, batch_size=recipe.finetune_bs, bptt=recipe.bptt)
+    params, batch_stats = jax.eval_shape(lambda: models.init_classifier(jax.random.PRNGKey(0), clas_config))
+    train.compile_classifier_ahead(ahead, params, batch_stats, clas_config, trec_ids, clas_stages,
+                                   batch_size=recipe.classifier_bs)
+
+
 def pretrain_and_finetune(recipe: Recipe, wiki_texts, trec_ids, trec_vocab, seed: int, out: Path, ahead=None):
     """Stages 1 and 2 -> the fine-tuned encoder's parameters."""
     wiki = tokenize_corpus(wiki_texts, progress=False)
@@ -219,31 +232,23 @@ def main(argv=None):
     train_labels = np.array([classes.index(c) for c in trec.splits["train"].labels])
     test_labels = np.array([classes.index(c) for c in trec.splits["test"].labels])
 
-    # Stages 2 and 3 compile in a background thread while stage 1 trains (their shapes are known now)
     clas_config, stages = classifier_plan(recipe, len(trec_vocab), len(classes), args.from_scratch)
-    ahead = train.CompileAhead()
-    if not args.from_scratch:
-        finetune_config, finetune_stages = finetune_plan(recipe, len(trec_vocab))
-        train.compile_language_model_ahead(
-            ahead, jax.eval_shape(lambda: models.init_language_model(jax.random.PRNGKey(0), finetune_config)),
-            finetune_config, sum(map(len, trec_ids)), finetune_stages, batch_size=recipe.finetune_bs, bptt=recipe.bptt)
-    train.compile_classifier_ahead(ahead, *jax.eval_shape(lambda: models.init_classifier(jax.random.PRNGKey(0),
-                                                                                          clas_config)),
-                                   clas_config, trec_ids, stages, batch_size=recipe.classifier_bs)
-    encoder_params = None
-    if not args.from_scratch:
-        wiki_texts = read_jsonl_prefix(args.data_dir / "enwiki/AA.jsonl.gz", recipe.wiki_words)
-        encoder_params = pretrain_and_finetune(recipe, wiki_texts, trec_ids, trec_vocab, args.seed, args.out, ahead)
+    with train.CompileAhead() as ahead:
+        compile_ahead(ahead, recipe, clas_config, stages, trec_ids, len(trec_vocab), args.from_scratch)
+        encoder_params = None
+        if not args.from_scratch:
+            wiki_texts = read_jsonl_prefix(args.data_dir / "enwiki/AA.jsonl.gz", recipe.wiki_words)
+            encoder_params = pretrain_and_finetune(recipe, wiki_texts, trec_ids, trec_vocab, args.seed, args.out,
+                                                   ahead)
 
-    # Stage 3: the classifier, gradual unfreezing with discriminative learning rates
-    params, batch_stats = models.init_classifier(jax.random.PRNGKey(args.seed + 1), clas_config)
-    if encoder_params is not None:
-        params["encoder"] = encoder_params
-    params, batch_stats, _, _ = train.fit_classifier(params, batch_stats, clas_config, trec_ids, train_labels,
-                                                     None, None, stages, batch_size=recipe.classifier_bs,
-                                                     seed=args.seed, log=log_line("classifier"), progress=True,
-                                                     ahead=ahead)
-    ahead.close()
+        # Stage 3: the classifier, gradual unfreezing with discriminative learning rates
+        params, batch_stats = models.init_classifier(jax.random.PRNGKey(args.seed + 1), clas_config)
+        if encoder_params is not None:
+            params["encoder"] = encoder_params
+        params, batch_stats, _, _ = train.fit_classifier(params, batch_stats, clas_config, trec_ids, train_labels,
+                                                         None, None, stages, batch_size=recipe.classifier_bs,
+                                                         seed=args.seed, log=log_line("classifier"), progress=True,
+                                                         ahead=ahead)
     probabilities = train.predict_classifier(train.classifier_predictor(clas_config), params, batch_stats,
                                              test_ids, train.classifier_batch_settings(clas_config,
                                                                                        recipe.classifier_bs))

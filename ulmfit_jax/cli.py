@@ -46,6 +46,14 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 MALLOC_ENV = "ULMFIT_MALLOC"
 
 
+def glibc_version() -> str | None:
+    """The C library's version ("glibc 2.36"), or None where it is not glibc."""
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION") or None
+    except (ValueError, OSError, AttributeError):      # the name unknown, or no confstr at all
+        return None
+
+
 def keep_freed_memory() -> bool:
     """Tell glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel.
 
@@ -58,10 +66,9 @@ def keep_freed_memory() -> bool:
     $ULMFIT_MALLOC=default.
     -> whether the settings were applied."""
     import ctypes
-    import platform
-    if os.environ.get(MALLOC_ENV) == "default" or platform.libc_ver()[0] != "glibc":
+    if os.environ.get(MALLOC_ENV) == "default" or glibc_version() is None:
         return False
-    libc = ctypes.CDLL("libc.so.6")
+    libc = ctypes.CDLL(None)                                # the C library this process runs on
     settings = ((_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 256 << 20), (_M_MMAP_THRESHOLD, 32 << 20))
     return all(libc.mallopt(parameter, value) == 1 for parameter, value in settings)
 

@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import math
 import time
+import warnings
 
 import jax
 import numpy as np
@@ -119,14 +120,12 @@ def classifier_predictor(config: ClassifierConfig, compute_dtype=None):
 # ----------------------------------------------------------------------------------------------
 # Stage steps, and compiling them ahead
 
-@functools.lru_cache(maxsize=32)
 def stage_step(kind: str, config, optimizer_config: optim.OptimizerConfig, structure, stage_steps: int,
                trainable: frozenset[int], regularization: RegularizationConfig = RegularizationConfig(),
                compute_dtype=None):
-    """(optimizer, jitted train step) of one training stage, memoised on its arguments (all hashable;
-    `structure` is the parameters' `jax.tree.structure`): the same stage built twice is the same jitted
-    function, so what `CompileAhead` compiled is what the training loop calls."""
-    params_like = jax.tree.unflatten(structure, [0] * structure.num_leaves)      # groups come from paths only
+    """(optimizer, jitted train step) of one training stage; `structure` is the parameters'
+    `jax.tree.structure` (the groups come from the tree's paths only)."""
+    params_like = jax.tree.unflatten(structure, [0] * structure.num_leaves)
     labels = optim.layer_group_labels(params_like, kind)
     optimizer = optim.make_optimizer(optimizer_config, params_like, kind, stage_steps, trainable)
     make_step = make_language_model_train_step if kind == "lm" else make_classifier_train_step
@@ -136,41 +135,71 @@ def stage_step(kind: str, config, optimizer_config: optim.OptimizerConfig, struc
 
 class CompileAhead:
     """Compiles train steps in one background thread while the main thread does something else
-    (the demo: the classifier's 12 steps and the fine-tuning's 2 while it pretrains).
+    (the demo: the fine-tuning's 2 steps and the classifier's 12 while it pretrains).
 
-    `submit(train_step, *args, trainable=..., batch_shape=...)` lowers and compiles with `args` given
-    as `jax.ShapeDtypeStruct`s (shape, dtype, sharding: what the loop's call will see), which fills
-    jit's in-memory caches: the loop's first call of that step and batch shape then runs at once.
-    `wait(train_step, batch_shape)` blocks while such a compile is in progress, so the loop never
-    compiles the same program a second time beside it. Use `compile_language_model_ahead` /
-    `compile_classifier_ahead` and pass the same object to the fit as `ahead=`. In the demo on 2
-    CPU cores this took ~26 s of compiling off the critical path, and pretraining kept its
-    throughput (README "The demo")."""
+    `compile_language_model_ahead` / `compile_classifier_ahead` submit a fit's steps; pass the same
+    object to the fit as `ahead=`. Each step is lowered and compiled from `jax.ShapeDtypeStruct`s
+    (shape, dtype, sharding: what the loop's call will see), which fills jit's in-memory caches, and
+    `stage_step` hands the fit the same jitted functions: the loop's first call of each stage and
+    batch shape then runs at once. In the demo on 2 CPU cores this took ~26 s of compiling off the
+    critical path while pretraining kept its throughput (README "The demo").
+
+    `wait(train_step, batch_shape)` is what the loop calls first: a compile not yet started is
+    cancelled (the loop compiles it itself rather than queue behind others), one in progress is
+    waited for (never compiled twice side by side), and one that failed is reported as a warning and
+    left to the loop, which raises the error itself if it is real. Use it as a context manager: on
+    an error the queued compiles are cancelled. Tracing happens in the worker thread, so
+    thread-local JAX settings (`jax.default_matmul_precision(...)` as a context manager) do not
+    reach it; set them globally (`jax.config.update`) when compiling ahead."""
 
     def __init__(self):
         import concurrent.futures
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile-ahead")
         self._futures = {}
+        self._steps = {}
+
+    def stage_step(self, *arguments):
+        """`stage_step(*arguments)`, memoised for the lifetime of this object, so that the fit calls the
+        jitted function that was compiled ahead (unhashable arguments, e.g. a Python `slice` learning
+        rate: built afresh, compiled by the loop)."""
+        try:
+            hash(arguments)
+        except TypeError:
+            return stage_step(*arguments)
+        if arguments not in self._steps:
+            self._steps[arguments] = stage_step(*arguments)
+        return self._steps[arguments]
 
     def submit(self, train_step, *args, trainable: frozenset[int], batch_shape: tuple[int, ...]) -> None:
+        def compile_step():
+            train_step.lower(*args, trainable).compile()       # `trainable` positional, as the loop calls it
         key = (train_step, tuple(batch_shape))
         if key not in self._futures:
-            self._futures[key] = self._executor.submit(
-                lambda: train_step.lower(*args, trainable).compile())      # positional, as the loop calls it
+            self._futures[key] = self._executor.submit(compile_step)
 
     def wait(self, train_step, batch_shape: tuple[int, ...]) -> None:
         future = self._futures.get((train_step, tuple(batch_shape)))
-        if future is not None:
-            future.result()           # a failed compile raises here, in the loop
+        if future is None or future.cancel():
+            return
+        error = future.exception()
+        if error is not None:
+            warnings.warn(f"compiling ahead failed ({error!r}); the training loop compiles the step itself")
 
-    def close(self) -> None:
-        """Wait for every submitted compile to finish."""
-        self._executor.shutdown(wait=True)
+    def close(self, cancel: bool = False) -> None:
+        """Wait for the submitted compiles to finish (`cancel`: drop those not started)."""
+        self._executor.shutdown(wait=True, cancel_futures=cancel)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        self.close(cancel=exc_type is not None)
 
 
 def _spec(tree, sharding):
-    """Every leaf -> `jax.ShapeDtypeStruct` with `sharding` (leaves may be arrays or specs), not weakly
-    typed: the loop's `device_put` onto the mesh drops weak types, and jit keys its cache on them."""
+    """Every leaf -> `jax.ShapeDtypeStruct` with `sharding` (leaves may be arrays or specs), strongly
+    typed as the loop's arrays are: `init_*` and `load_*` give strongly typed parameters, and jit
+    keys its cache on weak types too (a weak leaf would be another signature, compiled again)."""
     return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), tree)
 
 
@@ -204,8 +233,9 @@ def compile_language_model_ahead(ahead: CompileAhead, params, config: LanguageMo
     windows = jax.ShapeDtypeStruct((batch_size, bptt), np.int32, sharding=sharded)
     for stage in stages:
         trainable = _stage_trainable(stage, count)
-        optimizer, train_step = stage_step("lm", config, stage.optimizer, structure, stage.epochs * steps_per_epoch,
-                                           trainable, regularization, compute_dtype)
+        optimizer, train_step = ahead.stage_step("lm", config, stage.optimizer, structure,
+                                                 stage.epochs * steps_per_epoch, trainable, regularization,
+                                                 compute_dtype)
         params_spec, opt_state_spec = _step_specs("lm", params, optimizer, trainable, stage.optimizer.train_bn, mesh)
         ahead.submit(train_step, params_spec, opt_state_spec, state, windows, windows, _example_key(),
                      trainable=trainable, batch_shape=windows.shape)
@@ -227,8 +257,9 @@ def compile_classifier_ahead(ahead: CompileAhead, params, batch_stats, config: C
     targets = jax.ShapeDtypeStruct((batch_size,), np.int32, sharding=sharded)
     for stage in stages:
         trainable = _stage_trainable(stage, count)
-        optimizer, train_step = stage_step("classifier", config, stage.optimizer, structure,
-                                           stage.epochs * steps_per_epoch, trainable, regularization, compute_dtype)
+        optimizer, train_step = ahead.stage_step("classifier", config, stage.optimizer, structure,
+                                                 stage.epochs * steps_per_epoch, trainable, regularization,
+                                                 compute_dtype)
         params_spec, opt_state_spec = _step_specs("classifier", params, optimizer, trainable,
                                                   stage.optimizer.train_bn, mesh)
         for length in settings.lengths:
@@ -348,7 +379,7 @@ def _run_stages(stages, steps_per_epoch: int, *, kind: str, params, carry, build
     def stage_parts(index):
         if index not in built:
             stage = stages[index]
-            trainable = optim.unfreeze(count) if stage.trainable is None else frozenset(stage.trainable)
+            trainable = _stage_trainable(stage, count)
             optimizer, step_fn = build_stage(stage, trainable, stage.epochs * steps_per_epoch)
             built[index] = (trainable, optimizer, step_fn)
         return built[index]
@@ -494,8 +525,9 @@ def fit_language_model(params, config: LanguageModelConfig, train_documents, val
     structure = jax.tree.structure(params)
 
     def build_stage(stage, trainable, stage_steps):
-        optimizer, train_step = stage_step("lm", config, stage.optimizer, structure, stage_steps, trainable,
-                                           regularization, compute_dtype)
+        build = stage_step if ahead is None else ahead.stage_step
+        optimizer, train_step = build("lm", config, stage.optimizer, structure, stage_steps, trainable,
+                                      regularization, compute_dtype)
 
         def step_fn(params, opt_state, state, batch, key, trainable):
             if ahead is not None:
@@ -587,8 +619,9 @@ def fit_classifier(params, batch_stats, config: ClassifierConfig, train_document
     structure = jax.tree.structure(params)
 
     def build_stage(stage, trainable, stage_steps):
-        optimizer, train_step = stage_step("classifier", config, stage.optimizer, structure, stage_steps, trainable,
-                                           regularization, compute_dtype)
+        build = stage_step if ahead is None else ahead.stage_step
+        optimizer, train_step = build("classifier", config, stage.optimizer, structure, stage_steps, trainable,
+                                      regularization, compute_dtype)
 
         def step_fn(params, opt_state, batch_stats, batch, key, trainable):
             tokens, targets, n_tokens = batch
