@@ -118,6 +118,11 @@ class Recipe:
     classifier_lr: float = 2e-2
     classifier_epochs: int = 12          # once all groups train
 
+    @property
+    def sizes(self) -> dict:
+        """The AWD-LSTM's sizes, as the config functions take them."""
+        return dict(emb_size=self.emb_sz, n_hidden=self.n_hid, n_layers=self.n_layers)
+
     def classifier_stages(self, from_scratch: bool) -> list[tuple[int, float, int | None]]:
         """(epochs, the last group's peak learning rate, freeze_to or None for all groups) per stage:
         gradual unfreezing at lr, lr/2, lr/4, then everything at lr/4; from scratch, as many epochs
@@ -137,8 +142,7 @@ def log_line(stage):
 
 def finetune_plan(recipe: Recipe, vocab_size: int):
     """Stage 2's model and stages: (LM config, [train.Stage])."""
-    lm_config = awd_lstm_lm_config(vocab_size, drop_mult=recipe.finetune_drop_mult, emb_size=recipe.emb_sz,
-                                   n_hidden=recipe.n_hid, n_layers=recipe.n_layers)
+    lm_config = awd_lstm_lm_config(vocab_size, drop_mult=recipe.finetune_drop_mult, **recipe.sizes)
     adam = lambda lr: optim.OptimizerConfig(learning_rate=lr, weight_decay=recipe.weight_decay)
     return lm_config, [train.Stage(1, adam(recipe.finetune_frozen_lr), optim.freeze(recipe.n_layers + 1)),
                        train.Stage(recipe.finetune_epochs, adam(recipe.finetune_lr))]
@@ -148,8 +152,7 @@ def classifier_plan(recipe: Recipe, vocab_size: int, n_classes: int, from_scratc
     """Stage 3's model and stages: (classifier config, [train.Stage]), gradual unfreezing with
     discriminative learning rates slice(lr / factor**4, lr)."""
     clas_config = awd_lstm_clas_config(vocab_size, n_classes, drop_mult=recipe.classifier_drop_mult,
-                                       bptt=recipe.bptt, emb_size=recipe.emb_sz, n_hidden=recipe.n_hid,
-                                       n_layers=recipe.n_layers)
+                                       bptt=recipe.bptt, **recipe.sizes)
     count = recipe.n_layers + 2
     stages = [train.Stage(epochs, optim.OptimizerConfig(learning_rate=optim.Slice(lr / recipe.lr_factor ** 4, lr),
                                                         weight_decay=recipe.weight_decay),
@@ -180,8 +183,7 @@ def pretrain_and_finetune(recipe: Recipe, wiki_texts, trec_ids, trec_vocab, seed
     wiki_ids[-1] = wiki_ids[-1][:-recipe.held_out_tokens]
     print(json.dumps({"stage": "data", "wiki_tokens": sum(map(len, wiki_ids)), "wiki_vocab": len(wiki_vocab),
                       "trec_vocab": len(trec_vocab)}), flush=True)
-    sizes = dict(emb_size=recipe.emb_sz, n_hidden=recipe.n_hid, n_layers=recipe.n_layers)
-    lm_config = awd_lstm_lm_config(len(wiki_vocab), drop_mult=recipe.pretrain_drop_mult, **sizes)
+    lm_config = awd_lstm_lm_config(len(wiki_vocab), drop_mult=recipe.pretrain_drop_mult, **recipe.sizes)
     params = models.init_language_model(jax.random.PRNGKey(seed), lm_config)
     one_cycle = optim.OptimizerConfig(learning_rate=recipe.pretrain_lr, weight_decay=recipe.weight_decay,
                                       clip_norm=recipe.pretrain_clip)

@@ -69,9 +69,7 @@ def init_classifier_head(key: jax.Array, config: ClassifierConfig) -> tuple[list
     sizes = config.head_sizes
     for block_key, n_in, n_out in zip(jax.random.split(key, len(sizes) - 1), sizes[:-1], sizes[1:]):
         bound = 1.0 / n_in ** 0.5
-        # bn_bias strongly typed: a weakly typed leaf (`jnp.full(n, 1e-3)`) gives the first train step
-        # another jit signature than the trained parameters, so the first stage would compile twice
-        params.append({"bn_scale": jnp.ones((n_in,)), "bn_bias": jnp.full((n_in,), 1e-3, jnp.float32),
+        params.append({"bn_scale": jnp.ones((n_in,)), "bn_bias": jnp.full((n_in,), 1e-3),
                        "weight": jax.random.uniform(block_key, (n_out, n_in), minval=-bound, maxval=bound)})
         stats.append({"mean": jnp.zeros((n_in,)), "var": jnp.ones((n_in,))})
     return params, stats

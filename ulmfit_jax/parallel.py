@@ -24,7 +24,11 @@ def data_mesh(devices=None) -> jax.sharding.Mesh:
 
 
 def replicate(tree, mesh):
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+    """Every leaf on every device, strongly typed: a weakly typed leaf (`jnp.full(n, 1e-3)`) is another
+    jit signature than the strongly typed one a train step returns, so the step would compile twice."""
+    strong = jax.tree.map(lambda leaf: leaf.astype(leaf.dtype) if getattr(leaf, "weak_type", False) else leaf,
+                          tree)
+    return jax.device_put(strong, NamedSharding(mesh, PartitionSpec()))
 
 
 def shard_batch(tree, mesh):

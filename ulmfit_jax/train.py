@@ -199,19 +199,25 @@ class CompileAhead:
 
 def _spec(tree, sharding):
     """Every leaf -> `jax.ShapeDtypeStruct` with `sharding` (leaves may be arrays or specs), strongly
-    typed as the loop's arrays are: `init_*` and `load_*` give strongly typed parameters, and jit
-    keys its cache on weak types too (a weak leaf would be another signature, compiled again)."""
+    typed as the loop's arrays are (`parallel.replicate` and `shard_batch` make them so)."""
     return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), tree)
 
 
-def _step_specs(kind, params, optimizer, trainable, train_bn, mesh):
-    """Specs of (params, opt_state) as the loop holds them: replicated over the mesh."""
+def _stage_specs(ahead, kind, config, params, stages, steps_per_epoch, regularization, compute_dtype, mesh):
+    """Per stage, as `_run_stages` builds and holds them: (jitted train step, trainable groups, spec of
+    the parameters, spec of the optimizer state), both replicated over the mesh."""
     from jax.sharding import NamedSharding, PartitionSpec
     replicated = NamedSharding(mesh, PartitionSpec())
-    params = _spec(params, replicated)
-    labels = optim.layer_group_labels(params, kind)
-    trained = optim.split_trainable(params, labels, trainable, train_bn)[0]
-    return params, _spec(jax.eval_shape(optimizer.init, trained), replicated)
+    params_spec = _spec(params, replicated)
+    labels = optim.layer_group_labels(params_spec, kind)
+    count = optim.n_groups(labels)
+    for stage in stages:
+        trainable = _stage_trainable(stage, count)
+        optimizer, train_step = ahead.stage_step(kind, config, stage.optimizer, jax.tree.structure(params),
+                                                 stage.epochs * steps_per_epoch, trainable, regularization,
+                                                 compute_dtype)
+        trained = optim.split_trainable(params_spec, labels, trainable, stage.optimizer.train_bn)[0]
+        yield train_step, trainable, params_spec, _spec(jax.eval_shape(optimizer.init, trained), replicated)
 
 
 def _stage_trainable(stage, count):
@@ -227,17 +233,11 @@ def compile_language_model_ahead(ahead: CompileAhead, params, config: LanguageMo
     from jax.sharding import NamedSharding, PartitionSpec
     mesh = parallel.data_mesh() if mesh is None else mesh
     steps_per_epoch = _language_model_steps_per_epoch(n_train_tokens, batch_size, bptt)
-    structure = jax.tree.structure(params)
-    count = optim.n_groups(optim.layer_group_labels(params, "lm"))
     sharded = NamedSharding(mesh, PartitionSpec("data"))
     state = _spec(encoder.initial_state(config.encoder, batch_size), sharded)
     windows = jax.ShapeDtypeStruct((batch_size, bptt), np.int32, sharding=sharded)
-    for stage in stages:
-        trainable = _stage_trainable(stage, count)
-        optimizer, train_step = ahead.stage_step("lm", config, stage.optimizer, structure,
-                                                 stage.epochs * steps_per_epoch, trainable, regularization,
-                                                 compute_dtype)
-        params_spec, opt_state_spec = _step_specs("lm", params, optimizer, trainable, stage.optimizer.train_bn, mesh)
+    for train_step, trainable, params_spec, opt_state_spec in _stage_specs(
+            ahead, "lm", config, params, stages, steps_per_epoch, regularization, compute_dtype, mesh):
         ahead.submit(train_step, params_spec, opt_state_spec, state, windows, windows, _example_key(),
                      trainable=trainable, batch_shape=windows.shape)
 
@@ -251,18 +251,11 @@ def compile_classifier_ahead(ahead: CompileAhead, params, batch_stats, config: C
     from jax.sharding import NamedSharding, PartitionSpec
     mesh = parallel.data_mesh() if mesh is None else mesh
     settings, steps_per_epoch = _classifier_layout(config, train_documents, batch_size, backwards)
-    structure = jax.tree.structure(params)
-    count = optim.n_groups(optim.layer_group_labels(params, "classifier"))
     sharded = NamedSharding(mesh, PartitionSpec("data"))
     stats = _spec(batch_stats, NamedSharding(mesh, PartitionSpec()))
     targets = jax.ShapeDtypeStruct((batch_size,), np.int32, sharding=sharded)
-    for stage in stages:
-        trainable = _stage_trainable(stage, count)
-        optimizer, train_step = ahead.stage_step("classifier", config, stage.optimizer, structure,
-                                                 stage.epochs * steps_per_epoch, trainable, regularization,
-                                                 compute_dtype)
-        params_spec, opt_state_spec = _step_specs("classifier", params, optimizer, trainable,
-                                                  stage.optimizer.train_bn, mesh)
+    for train_step, trainable, params_spec, opt_state_spec in _stage_specs(
+            ahead, "classifier", config, params, stages, steps_per_epoch, regularization, compute_dtype, mesh):
         for length in settings.lengths:
             tokens = jax.ShapeDtypeStruct((batch_size, length), np.int32, sharding=sharded)
             ahead.submit(train_step, params_spec, stats, opt_state_spec, tokens, targets, _example_key(),
