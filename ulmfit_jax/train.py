@@ -141,9 +141,8 @@ class CompileAhead:
     object to the fit as `ahead=`. Each step is lowered and compiled from `jax.ShapeDtypeStruct`s
     (shape, dtype, sharding: what the loop's call will see), which fills jit's in-memory caches, and
     `stage_step` hands the fit the same jitted functions: the loop's first call of each stage and
-    batch shape then runs at once. In the demo on 2 CPU cores the 14 compiles run while it pretrains,
-    at no cost to the pretraining's throughput; with `cli.keep_freed_memory` the demo went from 397 s
-    to 364-371 s (README "The demo").
+    batch shape then runs at once. In the demo on 2 CPU cores the 14 compiles run while it pretrains;
+    with `cli.keep_freed_memory` the demo went from 397 s to 364-371 s (README "The demo").
 
     `wait(train_step, batch_shape)` is what the loop calls before each step: a compile not yet started is
     cancelled (the loop compiles it itself rather than queue behind others), one in progress is
