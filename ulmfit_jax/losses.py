@@ -34,7 +34,7 @@ def temporal_activation_regularization(raw: jax.Array, beta: float) -> jax.Array
 
 
 def fused_linear_cross_entropy(hidden: jax.Array, weight: jax.Array, bias: jax.Array | None,
-                               targets: jax.Array, *, chunk_size: int = 128) -> jax.Array:
+                               targets: jax.Array, *, chunk_size: int = 256) -> jax.Array:
     """Mean cross-entropy of `hidden @ weight.T + bias` against `targets`, never holding all logits.
 
     hidden: f32[..., E]; weight: f32[V, E] (the tied decoder: the embedding); bias: f32[V] or None;
@@ -47,7 +47,14 @@ def fused_linear_cross_entropy(hidden: jax.Array, weight: jax.Array, bias: jax.A
     `d_W += d_logits^T @ hidden`, `d_bias += sum d_logits`, chunk by chunk), so the backward pass
     only scales them by the incoming cotangent: three matmuls per chunk, as unfused autodiff
     does, but no [N, V] logits or softmax array in memory (for the CPU recipe, vocab 30k and
-    batch 64 x 70, that array is 538 MB). Gradients flow to hidden, weight and bias.
+    batch 64 x 70, that array is 538 MB).
+
+    The chunk's [chunk, V] arrays are what the time goes into besides the matmuls, so each is
+    passed over as few times as possible: the bias enters the logits' matmul as one more column
+    of the weight (against a column of ones), `exp` is computed once, and the one-hot target is
+    subtracted by a scatter of `chunk` elements rather than a comparison over all V columns. At
+    the demo's sizes (4,480 rows, vocab 10,008, E 128) that took forward + backward from 230 to
+    180 ms on the 2-core Xeon, with chunk 256 rather than 128 (README "Benchmarks").
     """
     emb = hidden.shape[-1]
     if targets.shape != hidden.shape[:-1]:
@@ -77,25 +84,33 @@ def _chunked(hidden, targets, chunk_size):
             valid.reshape(n_chunks, chunk_size))
 
 
-def _chunk_logits(h, weight, bias):
-    return jnp.einsum("ne,ve->nv", h, weight, preferred_element_type=jnp.float32) + bias
+def _with_bias_column(weight, bias):
+    """f32[V, E], f32[V] -> f32[V, E + 1]: the bias as the weight's last column."""
+    return jnp.concatenate([weight, bias[:, None].astype(weight.dtype)], axis=1)
 
 
-def _chunk_nll(logits, t):
-    """Per-row -log_softmax(logits)[t] and the row's logsumexp."""
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
-    return lse - picked, lse
+def _chunk_softmax(h, t, weight_and_bias):
+    """One chunk, h: f32[c, E], t: int32[c] -> (exp(logits - max) f32[c, V], its row sums f32[c],
+    per-row nll f32[c])."""
+    ones = jnp.ones((h.shape[0], 1), h.dtype)
+    logits = jnp.einsum("ne,ve->nv", jnp.concatenate([h, ones], axis=1), weight_and_bias,
+                        preferred_element_type=jnp.float32)
+    row_max = jnp.max(logits, axis=1)
+    exp = jnp.exp(logits - row_max[:, None])
+    sums = jnp.sum(exp, axis=1)
+    nll = row_max + jnp.log(sums) - logits[jnp.arange(h.shape[0]), t]
+    return exp, sums, nll
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _fused_lce(hidden, weight, bias, targets, chunk_size):
     n = hidden.shape[0]
     hs, ts, valid = _chunked(hidden, targets, chunk_size)
+    weight_and_bias = _with_bias_column(weight, bias)
 
     def body(total, xs):
         h, t, m = xs
-        nll, _ = _chunk_nll(_chunk_logits(h, weight, bias), t)
+        _, _, nll = _chunk_softmax(h, t, weight_and_bias)
         return total + jnp.sum(nll * m), None
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hs, ts, valid))
@@ -106,15 +121,14 @@ def _fused_lce_fwd(hidden, weight, bias, targets, chunk_size):
     n, emb = hidden.shape
     hs, ts, valid = _chunked(hidden, targets, chunk_size)
     vocab = weight.shape[0]
+    weight_and_bias = _with_bias_column(weight, bias)
 
     def body(carry, xs):
         total, d_weight, d_bias = carry
         h, t, m = xs
-        logits = _chunk_logits(h, weight, bias)
-        nll, lse = _chunk_nll(logits, t)
-        scale = (m / n)[:, None]
-        one_hot = (jnp.arange(vocab, dtype=jnp.int32)[None, :] == t[:, None]).astype(jnp.float32)
-        d_logits = (jnp.exp(logits - lse[:, None]) - one_hot) * scale
+        exp, sums, nll = _chunk_softmax(h, t, weight_and_bias)
+        scale = m / n
+        d_logits = (exp * (scale / sums)[:, None]).at[jnp.arange(h.shape[0]), t].add(-scale)
         d_h = jnp.einsum("nv,ve->ne", d_logits, weight, preferred_element_type=jnp.float32)
         d_weight = d_weight + jnp.einsum("nv,ne->ve", d_logits, h, preferred_element_type=jnp.float32)
         d_bias = d_bias + d_logits.sum(axis=0)
