@@ -68,3 +68,13 @@ def test_fused_linear_cross_entropy_rejects_bad_shapes():
         losses.fused_linear_cross_entropy(hidden, jnp.zeros((5, 4)), None, jnp.zeros((2, 4), jnp.int32))
     with pytest.raises(ValueError, match="weight"):
         losses.fused_linear_cross_entropy(hidden, jnp.zeros((5, 3)), None, jnp.zeros((2, 3), jnp.int32))
+
+
+def test_fused_linear_cross_entropy_target_outside_vocab_is_nan():
+    """A target id >= V is not clamped to the last class: the loss is NaN (the training loop stops on it)."""
+    hidden = jnp.ones((1, 4, 8))
+    weight = jnp.ones((5, 8))
+    targets = jnp.array([[0, 1, 2, 5]])
+    assert np.isnan(jax.value_and_grad(losses.fused_linear_cross_entropy)(hidden, weight, None, targets)[0])
+    assert np.isnan(losses.fused_linear_cross_entropy(hidden, weight, None, targets))
+    assert np.isfinite(losses.fused_linear_cross_entropy(hidden, weight, None, targets % 5))

@@ -98,7 +98,9 @@ def _chunk_softmax(h, t, weight_and_bias):
     row_max = jnp.max(logits, axis=1)
     exp = jnp.exp(logits - row_max[:, None])
     sums = jnp.sum(exp, axis=1)
-    nll = row_max + jnp.log(sums) - logits[jnp.arange(h.shape[0]), t]
+    # a target outside [0, V) gives NaN, not a clamped logit
+    picked = jnp.take_along_axis(logits, t[:, None], axis=1, mode="fill", fill_value=jnp.nan)[:, 0]
+    nll = row_max + jnp.log(sums) - picked
     return exp, sums, nll
 
 
