@@ -136,7 +136,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=N_CORES, help="torch threads and XLA intra-op threads")
     parser.add_argument("--torch-opt", choices=["torch", "fastai"], default="torch")
     parser.add_argument("--jax-loss", choices=["fused", "plain"], default="fused")
-    parser.add_argument("--chunk-size", type=int, default=128, help="rows per chunk of the fused loss")
+    parser.add_argument("--chunk-size", type=int, default=256, help="rows per chunk of the fused loss")
     parser.add_argument("--xla-flags", default="", help="extra XLA_FLAGS")
     args = parser.parse_args(argv)
 
