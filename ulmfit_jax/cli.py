@@ -61,9 +61,13 @@ def keep_freed_memory() -> bool:
     they are freed and the next step page-faults the memory back in. Keeping up to 1 GiB at the top
     of the heap (M_TRIM_THRESHOLD), growing it 256 MiB at a time (M_TOP_PAD) and serving blocks up
     to 32 MiB from the heap rather than fresh mmaps (M_MMAP_THRESHOLD) made the demo's classifier
-    step 14% faster on this 2-core CPU, the from-scratch demo 9% (README "The demo"). The process's
-    own setting only, made at run time; a no-op where the C library is not glibc, or with
-    $ULMFIT_MALLOC=default.
+    step 14% faster on this 2-core CPU, the from-scratch demo 9% (README "The demo"). What it cannot
+    reach: a block over 64 MB that XLA allocates from one of its worker threads (a whole execution's
+    temporary buffer, 103 MB for the demo's first LSTM layer) comes from that thread's arena, which
+    glibc serves by a fresh mmap whatever these settings say. `MALLOC_ARENA_MAX=1` would route it
+    through the main heap, but it made the whole demo slower (README "The recipe end to end").
+    The process's own setting only, made at run time; a no-op where the C library is not glibc, or
+    with $ULMFIT_MALLOC=default.
     -> whether the settings were applied."""
     import ctypes
     if os.environ.get(MALLOC_ENV) == "default" or glibc_version() is None:
