@@ -233,6 +233,8 @@ def main(argv=None):
                         default=Path(os.environ.get("ULMFIT_DATA_DIR", ROOT.parent / "shared" / "data")))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", choices=["pretrained", "scratch"], default=["pretrained", "scratch"])
+    parser.add_argument("--sides", nargs="+", choices=["fastai", "ulmfit_jax"], default=["fastai", "ulmfit_jax"],
+                        help="run only these sides (the other's results already in OUT are kept and compared)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_trec_recipe")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a Recipe field on both sides (a smaller run: --set wiki_words=100000)")
@@ -266,7 +268,7 @@ def main(argv=None):
         sides = ["fastai", "ulmfit_jax"] if seed % 2 == 0 else ["ulmfit_jax", "fastai"]
         for variant in args.variants:
             for side in sides:
-                if (side, seed, variant == "pretrained") in done:
+                if side not in args.sides or (side, seed, variant == "pretrained") in done:
                     continue
                 result = run_one(side, seed, variant == "scratch", args)
                 result.update(recipe_overrides=args.recipe_overrides,

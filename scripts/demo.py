@@ -88,7 +88,7 @@ def ensure_data(data_dir: Path, names, download: bool = True) -> None:
 class Recipe:
     """The demo's ULMFiT recipe on TREC-6 (README "The demo" says why these values)."""
     # data
-    wiki_words: int = 1_500_000          # pretraining corpus: this many words of the Wikipedia shard
+    wiki_words: int = 4_500_000          # pretraining corpus: this many words of the Wikipedia shard
     wiki_min_freq: int = 3
     max_vocab: int = 10000
     held_out_tokens: int = 20000         # the end of the last article, for validation perplexity
