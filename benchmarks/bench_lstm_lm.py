@@ -17,7 +17,7 @@ Both sides run the same Adam hyper-parameters (lr 1e-3, betas 0.9/0.99, eps 1e-5
 Steps are interleaved (A B B A A B ...) so that both see the same machine load; medians over the
 repeats; compile and warm-up are excluded and the compile time is reported apart.
 
-    .venv/bin/python benchmarks/bench_lstm_lm.py                       # all three configs
+    .venv/bin/python benchmarks/bench_lstm_lm.py                       # large, recipe, small
     .venv/bin/python benchmarks/bench_lstm_lm.py --configs large --repeats 20
 
 Prints a markdown table and, last, one JSON line.
@@ -52,6 +52,7 @@ CONFIGS = {
     "large": (10_000, 400, 1152, 3, 32, 70),
     "recipe": (30_000, 200, 512, 3, 64, 70),
     "small": (2_000, 64, 128, 2, 32, 70),
+    "demo": (10_008, 128, 384, 2, 64, 70),       # scripts/demo.py's pretraining
 }
 
 

@@ -144,7 +144,8 @@ def finetune_plan(recipe: Recipe, vocab_size: int):
     """Stage 2's model and stages: (LM config, [train.Stage])."""
     lm_config = awd_lstm_lm_config(vocab_size, drop_mult=recipe.finetune_drop_mult, **recipe.sizes)
     adam = lambda lr: optim.OptimizerConfig(learning_rate=lr, weight_decay=recipe.weight_decay)
-    return lm_config, [train.Stage(1, adam(recipe.finetune_frozen_lr), optim.freeze(recipe.n_layers + 1)),
+    return lm_config, [train.Stage(1, adam(recipe.finetune_frozen_lr), optim.freeze(recipe.n_layers + 1),
+                                   quick_compile=True),
                        train.Stage(recipe.finetune_epochs, adam(recipe.finetune_lr))]
 
 
@@ -156,7 +157,8 @@ def classifier_plan(recipe: Recipe, vocab_size: int, n_classes: int, from_scratc
     count = recipe.n_layers + 2
     stages = [train.Stage(epochs, optim.OptimizerConfig(learning_rate=optim.Slice(lr / recipe.lr_factor ** 4, lr),
                                                         weight_decay=recipe.weight_decay),
-                          None if freeze_to is None else optim.freeze_to(freeze_to, count))
+                          None if freeze_to is None else optim.freeze_to(freeze_to, count),
+                          quick_compile=epochs == 1)
               for epochs, lr, freeze_to in recipe.classifier_stages(from_scratch)]
     return clas_config, stages
 
