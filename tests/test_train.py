@@ -114,8 +114,9 @@ def test_steps_compiled_ahead_are_what_the_loops_call():
     lm_documents, clas_documents = documents(16), documents(40, seed=4, low=2, high=14)
     clas_labels = np.arange(40) % 3
     adam = lambda lr: optim.OptimizerConfig(learning_rate=lr)
-    lm_stages = [train.Stage(1, adam(1e-2), optim.freeze(3)), train.Stage(1, adam(1e-3))]
-    clas_stages = [train.Stage(1, adam(1e-2), optim.freeze_to(-1, 4)), train.Stage(1, adam(1e-3))]
+    lm_stages = [train.Stage(1, adam(1e-2), optim.freeze(3), quick_compile=True), train.Stage(1, adam(1e-3))]
+    clas_stages = [train.Stage(1, adam(1e-2), optim.freeze_to(-1, 4), quick_compile=True),
+                   train.Stage(1, adam(1e-3))]
     lm_params = models.init_language_model(jax.random.PRNGKey(0), LM_CONFIG)
     clas_params, stats = models.init_classifier(jax.random.PRNGKey(1), CLAS_CONFIG)
     settings, _ = train._classifier_layout(CLAS_CONFIG, clas_documents, 8, False)
@@ -137,6 +138,40 @@ def test_steps_compiled_ahead_are_what_the_loops_call():
     assert len(history) == 2
     # LM: 2 stages, one shape; classifier: 2 stages x its bucket lengths; nothing twice
     assert len(compiles) == 2 + 2 * len(settings.lengths)
+
+
+def test_a_quick_compiled_step_carries_its_options_and_trains_alike(monkeypatch):
+    """`quick_compile` reaches the step's `jax.jit` as XLA options (on CPU) and changes no result
+    beyond floating-point reassociation: three steps give the losses and parameters of the full compile."""
+    rng = np.random.default_rng(0)
+    batches = [(jnp.asarray(rng.integers(0, 40, (4, 5))), jnp.asarray(rng.integers(0, 40, (4, 5)))) for _ in range(3)]
+    trainable = optim.freeze(3)
+    real_jit, options_seen = jax.jit, []
+
+    def recording_jit(*args, **kwargs):
+        options_seen.append(kwargs.get("compiler_options"))
+        return real_jit(*args, **kwargs)
+
+    results = {}
+    for quick in (False, True):
+        params = models.init_language_model(jax.random.PRNGKey(0), LM_CONFIG)
+        with monkeypatch.context() as patch:
+            patch.setattr(jax, "jit", recording_jit)
+            optimizer, train_step = train.stage_step("lm", LM_CONFIG, optim.OptimizerConfig(learning_rate=1e-2),
+                                                     jax.tree.structure(params), 10, trainable, quick_compile=quick)
+        assert options_seen[-1] == (dict(train.QUICK_COMPILE_CPU_OPTIONS) if quick else None)
+        labels = optim.layer_group_labels(params, "lm")
+        opt_state = optimizer.init(optim.split_trainable(params, labels, trainable)[0])
+        state = models.encoder.initial_state(LM_CONFIG.encoder, 4)
+        step_losses = []
+        for step, (tokens, targets) in enumerate(batches):
+            params, opt_state, state, metrics = train_step(params, opt_state, state, tokens, targets,
+                                                           jax.random.PRNGKey(step), trainable)
+            step_losses.append(float(metrics["loss"]))
+        results[quick] = step_losses, params
+    np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-5)
+    for quick_leaf, full_leaf in zip(jax.tree.leaves(results[True][1]), jax.tree.leaves(results[False][1])):
+        np.testing.assert_allclose(quick_leaf, full_leaf, rtol=1e-4, atol=1e-6)
 
 
 def test_nan_loss_stops_with_the_step_named(tmp_path):
