@@ -78,3 +78,17 @@ def test_fused_linear_cross_entropy_target_outside_vocab_is_nan():
     assert np.isnan(jax.value_and_grad(losses.fused_linear_cross_entropy)(hidden, weight, None, targets)[0])
     assert np.isnan(losses.fused_linear_cross_entropy(hidden, weight, None, targets))
     assert np.isfinite(losses.fused_linear_cross_entropy(hidden, weight, None, targets % 5))
+
+
+def test_masked_regularizers_equal_the_plain_ones_on_the_masked_part(key):
+    """AR / TAR with a mask of each row's first `n` positions equal the plain ones on outputs[:, :n];
+    what lies outside the mask does not count."""
+    outputs = jax.random.normal(key, (3, 9, 4))
+    mask = jnp.arange(9)[None, :] < 6
+    mask = jnp.broadcast_to(mask, (3, 9))
+    garbage = outputs.at[:, 6:].set(1e3)
+    np.testing.assert_allclose(losses.activation_regularization(garbage, 2.0, mask),
+                               losses.activation_regularization(outputs[:, :6], 2.0), rtol=1e-6)
+    np.testing.assert_allclose(losses.temporal_activation_regularization(garbage, 1.0, mask),
+                               losses.temporal_activation_regularization(outputs[:, :6], 1.0), rtol=1e-6)
+    assert losses.activation_regularization(garbage, 2.0) > 100 * losses.activation_regularization(outputs, 2.0)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from ulmfit_jax.text.batches import (ClassifierBatchSettings, LMBatchSettings, classifier_batches,
-                                     concatenate_documents, lm_batches, lm_epoch, lm_layout,
+                                     concatenate_documents, fastai_layout_mask, lm_batches, lm_epoch, lm_layout,
                                      merged_bucket_lengths, pad_chunk, pad_input_chunk, padded_length,
                                      possible_shapes, shuffled_sorted_order, sorted_order)
 
@@ -212,6 +212,41 @@ def test_classifier_batches_bucketed_shapes_and_masks(lengths, batch_size, train
             np.testing.assert_array_equal(batch.tokens[row], pad_chunk(expected, batch.tokens.shape[1], seq_len=16))
             seen.append(index)
     assert sorted(seen) == list(range(len(lengths)))  # every document once
+
+
+def fastai_padded(documents, seq_len):
+    """fastai's own pad_input_chunk of a batch (to its longest document) -> int64[B, L]."""
+    samples = [(torch.tensor(d), 0) for d in documents]
+    return np.stack([np.asarray(x) for x, _ in fastai_data.pad_input_chunk(samples, pad_idx=1, seq_len=seq_len)])
+
+
+@pytest.mark.parametrize("seq_len, bucket_multiple, short_multiple", [(72, 72, 8), (16, 16, None), (5, 5, None)])
+def test_fastai_mask_picks_fastais_own_layout_out_of_a_bucketed_batch(seq_len, bucket_multiple, short_multiple):
+    """Each row's masked tokens are fastai's row for the same batch (padded to its longest document),
+    all of it where the bucket is wider by whole windows or the batch fits one window (TREC-6's)."""
+    rng = np.random.default_rng(0)
+    documents = [rng.integers(2, 500, size=int(n), dtype=np.int32) for n in rng.integers(1, 3 * seq_len, size=300)]
+    settings_ = ClassifierBatchSettings(batch_size=16, seq_len=seq_len, max_len=None, bucket_multiple=bucket_multiple,
+                                        short_bucket_multiple=short_multiple)
+    wider, exact = 0, 0
+    for batch in classifier_batches(documents, None, settings_, train=True, rng=np.random.RandomState(1)):
+        rows = batch.indices[batch.row_mask]
+        fastai = fastai_padded([documents[i] for i in rows], seq_len)
+        width = batch.tokens.shape[1]
+        wider += width > fastai.shape[1]
+        assert not batch.fastai_mask[~batch.row_mask].any()
+        for row in range(len(rows)):
+            kept = batch.tokens[row][batch.fastai_mask[row]]
+            np.testing.assert_array_equal(kept, fastai[row][:len(kept)])
+        if width <= seq_len or (width - fastai.shape[1]) % seq_len == 0:
+            exact += 1
+            assert batch.fastai_mask.sum() == fastai.size
+    assert wider and exact       # the buckets did pad wider than fastai, and the exact cases occurred
+
+
+def test_fastai_layout_mask_refuses_a_row_wider_than_the_batch():
+    with pytest.raises(ValueError, match="does not fit"):
+        fastai_layout_mask([10, 3], width=8, seq_len=4)
 
 
 def test_classifier_compiles_a_bounded_number_of_times():

@@ -29,6 +29,7 @@ import pytest
 from fastai_reference import fastai_classifier, fastai_language_model, pad_input_chunk, state_dict_numpy, torch
 from ulmfit_jax import convert, encoder, losses, models, optim, train
 from ulmfit_jax.config import awd_lstm_clas_config, awd_lstm_lm_config
+from ulmfit_jax.text.batches import fastai_layout_mask, pad_input_chunk as our_pad_input_chunk
 
 from fastai.callback.core import Callback  # noqa: E402  (after fastai_reference's importorskip)
 from fastai.callback.progress import ProgressCallback  # noqa: E402,F401  (Learner.no_bar)
@@ -285,6 +286,63 @@ def test_classifier_training_equals_fastai_fit_one_cycle(freeze_to):
     # in eval mode, which does not update them)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, atol=2e-5, rtol=1e-5),
                  batch_stats, trained_stats)
+
+
+def test_classifier_on_wider_buckets_equals_fastai_on_its_own_padding():
+    """Our length buckets pad a batch wider than fastai's `pad_input_chunk` (to the batch's longest
+    document). Here fastai's batches are 10, 15 and 20 tokens wide and ours all 25 (whole windows of
+    front padding more): with `fastai_layout_mask` as the step's `regularized_mask`, AR and TAR
+    average over fastai's own positions, and the 20 steps give fastai's losses and parameters.
+    Without the mask the padding the buckets add enters the regulariser, and they do not."""
+    config = CLAS_CONFIG
+    width = 25
+    reference = fastai_classifier(config, seed=4)
+    _, initial_params, initial_stats = convert.import_classifier(state_dict_numpy(reference), config)
+    rng = np.random.default_rng(3)
+    fastai_batches, our_batches = [], []
+    for i in range(STEPS_PER_EPOCH):
+        longest = (10, 15, 20)[i % 3]
+        lengths = sorted([longest] + list(rng.integers(1, longest + 1, size=CLAS_BATCH - 1)), reverse=True)
+        docs = [rng.integers(2, config.encoder.vocab_size, size=n) for n in lengths]
+        targets = rng.integers(0, config.n_classes, size=CLAS_BATCH)
+        fastai_batches.append((pad_input_chunk(docs, config.encoder.pad_token, config.bptt), targets))
+        tokens = our_pad_input_chunk(docs, config.encoder.pad_token, seq_len=config.bptt, pad_len=width)
+        our_batches.append((tokens, targets, fastai_layout_mask(lengths, width, config.bptt)))
+    fastai = fastai_fit(reference, awd_lstm_clas_split,
+                        [(torch.tensor(x), torch.tensor(y)) for x, y in fastai_batches], None, CLAS_CLIP)
+
+    @jax.jit
+    def masked_regularized_loss(params, batch_stats, tokens, targets, key, mask):
+        logits, _, outputs = models.classifier_apply(params, batch_stats, tokens, config=config, train=True, key=key)
+        mask = mask[:, tokens.shape[1] - outputs.shape[1]:]
+        return (losses.cross_entropy(logits, targets) + losses.activation_regularization(outputs, ALPHA, mask)
+                + losses.temporal_activation_regularization(outputs, BETA, mask))
+
+    def train(use_mask):
+        params, batch_stats = initial_params, initial_stats
+        _, trainable, opt_state, train_step = our_training(params, config, "classifier", None, CLAS_CLIP)
+        ours, totals = [], []
+        for epoch in range(N_EPOCHS):
+            for i, (x, y, mask) in enumerate(our_batches):
+                key = jax.random.PRNGKey(epoch * STEPS_PER_EPOCH + i)
+                tokens, targets, mask = jnp.asarray(x, jnp.int32), jnp.asarray(y, jnp.int32), jnp.asarray(mask)
+                totals.append(float(masked_regularized_loss(params, batch_stats, tokens, targets, key, mask)))
+                params, batch_stats, opt_state, metrics = train_step(
+                    params, batch_stats, opt_state, tokens, targets, key, trainable,
+                    regularized_mask=mask if use_mask else None)
+                ours.append(float(metrics["loss"]))
+        return ours, totals, params
+
+    ours, totals, params = train(use_mask=True)
+    assert_losses_match(ours, totals, fastai, "classifier on wider buckets", CLAS_CLIP)
+    _, trained_reference, _ = convert.import_classifier(state_dict_numpy(reference), config)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, atol=2e-5, rtol=0),
+                 params, trained_reference)
+
+    unmasked, _, unmasked_params = train(use_mask=False)
+    assert max_relative(unmasked, fastai.losses) > 10 * RTOL
+    assert max(float(np.max(np.abs(np.asarray(a) - b))) for a, b in
+               zip(jax.tree.leaves(unmasked_params), jax.tree.leaves(trained_reference))) > 1e-3
 
 
 def test_gradual_unfreezing_equals_fastai():

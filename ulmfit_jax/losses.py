@@ -22,15 +22,28 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, *, label_smoothing: flo
     return jnp.mean(nll)
 
 
-def activation_regularization(dropped: jax.Array, alpha: float) -> jax.Array:
-    """AR: `alpha * mean(dropped ** 2)` on the last layer's output after dropout. f32[B, T, E] -> f32[]."""
-    return alpha * jnp.mean(jnp.square(dropped.astype(jnp.float32)))
+def _masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Mean of f32[B, T, E] over the positions where mask: bool[B, T] (None: all of them)."""
+    if mask is None:
+        return jnp.mean(values)
+    return jnp.sum(jnp.where(mask[..., None], values, 0.0)) / (jnp.sum(mask) * values.shape[-1])
 
 
-def temporal_activation_regularization(raw: jax.Array, beta: float) -> jax.Array:
-    """TAR: `beta * mean((h_{t+1} - h_t) ** 2)` on the last layer's raw output. f32[B, T, E] -> f32[]."""
+def activation_regularization(dropped: jax.Array, alpha: float, mask: jax.Array | None = None) -> jax.Array:
+    """AR: `alpha * mean(dropped ** 2)` on the last layer's output after dropout. f32[B, T, E] -> f32[].
+
+    mask: bool[B, T], the positions averaged over (None: all; the classifier passes fastai's own
+    padding layout, `text.batches.fastai_layout_mask`)."""
+    return alpha * _masked_mean(jnp.square(dropped.astype(jnp.float32)), mask)
+
+
+def temporal_activation_regularization(raw: jax.Array, beta: float, mask: jax.Array | None = None) -> jax.Array:
+    """TAR: `beta * mean((h_{t+1} - h_t) ** 2)` on the last layer's raw output. f32[B, T, E] -> f32[].
+
+    mask: bool[B, T] as for AR; a pair counts where both of its positions are in it."""
     raw = raw.astype(jnp.float32)
-    return beta * jnp.mean(jnp.square(raw[:, 1:] - raw[:, :-1]))
+    pairs = None if mask is None else mask[:, 1:] & mask[:, :-1]
+    return beta * _masked_mean(jnp.square(raw[:, 1:] - raw[:, :-1]), pairs)
 
 
 def fused_linear_cross_entropy(hidden: jax.Array, weight: jax.Array, bias: jax.Array | None,

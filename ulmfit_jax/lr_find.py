@@ -199,11 +199,13 @@ def find_classifier_lr(params, batch_stats, config: ClassifierConfig, documents,
         for epoch in itertools.count():
             rng = np.random.RandomState([seed, epoch])
             for batch in classifier_batches(documents, labels, settings, train=True, rng=rng):
-                yield batch.tokens, batch.labels
+                yield batch.tokens, batch.labels, batch.fastai_mask
 
     def step(carry, batch, key):
         params, batch_stats, opt_state = carry
-        params, batch_stats, opt_state, metrics = train_step(params, batch_stats, opt_state, *batch, key, trainable)
+        tokens, targets, fastai_mask = batch
+        params, batch_stats, opt_state, metrics = train_step(params, batch_stats, opt_state, tokens, targets, key,
+                                                             trainable, regularized_mask=fastai_mask)
         return (params, batch_stats, opt_state), metrics["loss"]
 
     return run_finder(step, (params, batch_stats, opt_state), batches(), finder, lr_at, seed)

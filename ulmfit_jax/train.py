@@ -77,28 +77,34 @@ def make_language_model_train_step(config: LanguageModelConfig, optimizer: optax
 def make_classifier_train_step(config: ClassifierConfig, optimizer: optax.GradientTransformation, labels, *,
                           regularization: RegularizationConfig = RegularizationConfig(),
                           train_bn: bool = True, compute_dtype=None, compiler_options: dict | None = None):
-    """-> train_step(params, batch_stats, opt_state, tokens, targets, key, trainable)
+    """-> train_step(params, batch_stats, opt_state, tokens, targets, key, trainable, regularized_mask=None)
         -> (params, batch_stats, opt_state, metrics)
-    tokens: int32[B, S] in pad_input_chunk layout; targets: int32[B]. `compiler_options`: as for the LM's.
+    tokens: int32[B, S] in pad_input_chunk layout; targets: int32[B]; regularized_mask: bool[B, S], the
+    positions AR and TAR average over (None: all of them). A batch padded wider than fastai pads it
+    (our length buckets) passes `ClassifierBatch.fastai_mask`, so that the padding the buckets add does
+    not enter the regulariser: fastai's mean is over its own batch, padded to the longest document.
+    `compiler_options`: as for the LM's.
     """
 
-    def loss_fn(trained, frozen, batch_stats, tokens, targets, key):
+    def loss_fn(trained, frozen, batch_stats, tokens, targets, key, regularized_mask):
         params = optim.merge(trained, frozen)
         logits, new_stats, outputs = models.classifier_apply(params, batch_stats, tokens, config=config, train=True,
                                                              key=key, compute_dtype=compute_dtype)
         loss = losses.cross_entropy(logits, targets, label_smoothing=regularization.label_smoothing)
         metrics = {"loss": loss}
-        # fastai's RNNRegularizer sees the classifier's encoder outputs as both raw and dropped
-        loss = (loss + losses.activation_regularization(outputs, regularization.alpha)
-                + losses.temporal_activation_regularization(outputs, regularization.beta))
+        # fastai's RNNRegularizer sees the classifier's encoder outputs as both raw and dropped; the
+        # outputs are the kept (last) windows, so the mask is cut to them
+        mask = None if regularized_mask is None else regularized_mask[:, tokens.shape[1] - outputs.shape[1]:]
+        loss = (loss + losses.activation_regularization(outputs, regularization.alpha, mask)
+                + losses.temporal_activation_regularization(outputs, regularization.beta, mask))
         return loss, (new_stats, metrics)
 
     @functools.partial(jax.jit, static_argnames="trainable", donate_argnums=(0, 1, 2),
                        compiler_options=compiler_options)
-    def train_step(params, batch_stats, opt_state, tokens, targets, key, trainable):
+    def train_step(params, batch_stats, opt_state, tokens, targets, key, trainable, regularized_mask=None):
         trained, frozen = optim.split_trainable(params, labels, trainable, train_bn)
         (_, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            trained, frozen, batch_stats, tokens, targets, key)
+            trained, frozen, batch_stats, tokens, targets, key, regularized_mask)
         updates, opt_state = optimizer.update(grads, opt_state, trained)
         params = optim.merge(optax.apply_updates(trained, updates), frozen)
         return params, batch_stats, opt_state, metrics
@@ -180,9 +186,11 @@ class CompileAhead:
             self._steps[arguments] = stage_step(*arguments)
         return self._steps[arguments]
 
-    def submit(self, train_step, *args, trainable: frozenset[int], batch_shape: tuple[int, ...]) -> None:
+    def submit(self, train_step, *args, trainable: frozenset[int], batch_shape: tuple[int, ...],
+               **keywords) -> None:
         def compile_step():
-            train_step.lower(*args, trainable).compile()       # `trainable` positional, as the loop calls it
+            # `trainable` positional and `keywords` by name, as the loop calls it
+            train_step.lower(*args, trainable, **keywords).compile()
         key = (train_step, tuple(batch_shape))
         if key not in self._futures:
             self._futures[key] = self._executor.submit(compile_step)
@@ -267,8 +275,9 @@ def compile_classifier_ahead(ahead: CompileAhead, params, batch_stats, config: C
             ahead, "classifier", config, params, stages, steps_per_epoch, regularization, compute_dtype, mesh):
         for length in settings.lengths:
             tokens = jax.ShapeDtypeStruct((batch_size, length), np.int32, sharding=sharded)
+            mask = jax.ShapeDtypeStruct((batch_size, length), np.bool_, sharding=sharded)
             ahead.submit(train_step, params_spec, stats, opt_state_spec, tokens, targets, _example_key(),
-                         trainable=trainable, batch_shape=tokens.shape)
+                         trainable=trainable, batch_shape=tokens.shape, regularized_mask=mask)
 
 
 def _example_key():
@@ -630,18 +639,19 @@ def fit_classifier(params, batch_stats, config: ClassifierConfig, train_document
                                       regularization, compute_dtype, stage.quick_compile)
 
         def step_fn(params, opt_state, batch_stats, batch, key, trainable):
-            tokens, targets, n_tokens = batch
+            tokens, targets, fastai_mask, n_tokens = batch
             if ahead is not None:
                 ahead.wait(train_step, tokens.shape)
             params, batch_stats, opt_state, metrics = train_step(params, batch_stats, opt_state, tokens, targets,
-                                                                 key, trainable)
+                                                                 key, trainable, regularized_mask=fastai_mask)
             return params, opt_state, batch_stats, dict(metrics, tokens=n_tokens)
         return optimizer, step_fn
 
     def epoch_batches(epoch):
         rng = np.random.RandomState([seed, epoch])
         for batch in classifier_batches(train_documents, train_labels, settings, train=True, rng=rng):
-            yield (*parallel.shard_batch((batch.tokens, batch.labels), mesh), int(batch.lengths.sum()))
+            yield (*parallel.shard_batch((batch.tokens, batch.labels, batch.fastai_mask), mesh),
+                   int(batch.lengths.sum()))
 
     def evaluate(params, batch_stats):
         if valid_documents is None:
