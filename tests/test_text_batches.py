@@ -15,6 +15,7 @@ from ulmfit_jax.text.batches import (ClassifierBatchSettings, LMBatchSettings, c
 
 torch = pytest.importorskip("torch", reason="fastai's loaders are the reference")
 fastai_data = pytest.importorskip("fastai.text.data", reason="fastai 2.8.12 is the reference")
+from fastai_reference import pad_input_chunk as fastai_pad_input_chunk  # noqa: E402
 
 
 def random_documents(seed: int, n: int, max_len: int = 300, vocab: int = 500) -> list[np.ndarray]:
@@ -214,12 +215,6 @@ def test_classifier_batches_bucketed_shapes_and_masks(lengths, batch_size, train
     assert sorted(seen) == list(range(len(lengths)))  # every document once
 
 
-def fastai_padded(documents, seq_len):
-    """fastai's own pad_input_chunk of a batch (to its longest document) -> int64[B, L]."""
-    samples = [(torch.tensor(d), 0) for d in documents]
-    return np.stack([np.asarray(x) for x, _ in fastai_data.pad_input_chunk(samples, pad_idx=1, seq_len=seq_len)])
-
-
 @pytest.mark.parametrize("seq_len, bucket_multiple, short_multiple", [(72, 72, 8), (16, 16, None), (5, 5, None)])
 def test_fastai_mask_picks_fastais_own_layout_out_of_a_bucketed_batch(seq_len, bucket_multiple, short_multiple):
     """Each row's masked tokens are fastai's row for the same batch (padded to its longest document),
@@ -231,7 +226,7 @@ def test_fastai_mask_picks_fastais_own_layout_out_of_a_bucketed_batch(seq_len, b
     wider, exact = 0, 0
     for batch in classifier_batches(documents, None, settings_, train=True, rng=np.random.RandomState(1)):
         rows = batch.indices[batch.row_mask]
-        fastai = fastai_padded([documents[i] for i in rows], seq_len)
+        fastai = fastai_pad_input_chunk([documents[i] for i in rows], 1, seq_len)
         width = batch.tokens.shape[1]
         wider += width > fastai.shape[1]
         assert not batch.fastai_mask[~batch.row_mask].any()
