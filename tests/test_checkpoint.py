@@ -1,11 +1,17 @@
 """Model directories and orbax training checkpoints: round trips, and damaged files that must not lose data."""
 
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
 import jax
 import numpy as np
 import pytest
 
 from ulmfit_jax import checkpoint, models
-from ulmfit_jax.config import awd_lstm_clas_config
+from ulmfit_jax.config import awd_lstm_clas_config, awd_lstm_lm_config
 
 
 def tree(value):
@@ -69,6 +75,123 @@ def test_no_readable_checkpoint_is_an_error_naming_each_step(tmp_path):
 
 def test_no_checkpoint_at_all_starts_fresh(tmp_path):
     assert checkpoint.TrainingCheckpointer(tmp_path / "new").restore(lambda s: tree(0)) == (None, None)
+    assert checkpoint.TrainingCheckpointer(tmp_path / "new").restore(tree(0)) == (None, None)
+
+
+def test_restore_takes_the_target_tree_itself(tmp_path):
+    saved_checkpointer(tmp_path, [1, 2])
+    corrupt(tmp_path / "2")
+    step, restored = checkpoint.TrainingCheckpointer(tmp_path).restore(tree(0))
+    assert step == 1
+    jax.tree.map(np.testing.assert_array_equal, restored, tree(1))
+
+
+def test_only_process_0_prints_warnings(tmp_path, capsys, monkeypatch):
+    saved_checkpointer(tmp_path, [1, 2])
+    corrupt(tmp_path / "2")
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    assert checkpoint.TrainingCheckpointer(tmp_path).restore(tree(0))[0] == 1
+    assert "unreadable" not in capsys.readouterr().out
+
+
+# Two JAX processes on this machine (jax.distributed over localhost, two CPU devices each), run as
+# the training scripts run under several processes: every process saves and restores together.
+# Process 1 is made to fail reading the newest step alone, which would leave it on an older step
+# than process 0; `restore` must then fail on both, not train on from different states.
+TWO_PROCESS_WORKER = textwrap.dedent("""
+    import os, sys
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    import jax
+    import numpy as np
+    process, port, folder = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process)
+    from jax.experimental import multihost_utils
+    from jax.sharding import NamedSharding, PartitionSpec
+    from ulmfit_jax import checkpoint
+
+    mesh = jax.make_mesh((4,), ("data",))
+    replicated, sharded = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
+
+    def tree(value):
+        weight = np.full((3, 2), value, np.float32)
+        carry = np.arange(8, dtype=np.float32) + value
+        return {"params": {"w": jax.make_array_from_callback((3, 2), replicated, lambda i: weight[i])},
+                "carry": jax.make_array_from_callback((8,), sharded, lambda i: carry[i]), "step": int(value)}
+
+    def gathered(restored):
+        return {"w": np.asarray(multihost_utils.process_allgather(restored["params"]["w"], tiled=True)),
+                "carry": np.asarray(multihost_utils.process_allgather(restored["carry"], tiled=True)),
+                "step": restored["step"]}
+
+    def check(restored, value):
+        assert restored["carry"].sharding == sharded, restored["carry"].sharding
+        expected = {"w": np.full((3, 2), value, np.float32), "carry": np.arange(8, dtype=np.float32) + value,
+                    "step": value}
+        jax.tree.map(np.testing.assert_array_equal, gathered(restored), expected)
+
+    saver = checkpoint.TrainingCheckpointer(folder, max_to_keep=5)
+    for step in (1, 2, 3):
+        saver.save(step, tree(step))
+    step, restored = checkpoint.TrainingCheckpointer(folder).restore(tree(0))
+    assert step == 3
+    check(restored, 3)
+    step, restored = checkpoint.TrainingCheckpointer(folder).restore(lambda s: tree(0))
+    assert step == 3
+
+    multihost_utils.sync_global_devices("corrupt")
+    if process == 0:
+        from pathlib import Path
+        for path in (Path(folder) / "3").rglob("*"):
+            if path.is_file():
+                path.write_bytes(b"garbage")
+    multihost_utils.sync_global_devices("corrupted")
+    step, restored = checkpoint.TrainingCheckpointer(folder).restore(tree(0))
+    assert step == 2
+    check(restored, 2)
+
+    diverging = checkpoint.TrainingCheckpointer(folder)
+    if process == 1:
+        restore = diverging.manager.restore
+        def fail_on_step_2(step, **kwargs):
+            if step == 2:
+                raise OSError("unreadable here only")
+            return restore(step, **kwargs)
+        diverging.manager.restore = fail_on_step_2
+    try:
+        diverging.restore(tree(0))
+        raise AssertionError("different steps were restored without an error")
+    except RuntimeError as error:
+        assert "process 0: step 2, process 1: step 1" in str(error), error
+    print(f"process {process} done", flush=True)
+""")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_processes_save_and_restore_together(tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(TWO_PROCESS_WORKER)
+    port, folder = str(free_port()), str(tmp_path / "checkpoints")
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    processes = [subprocess.Popen([sys.executable, str(worker), str(i), port, folder], env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+    outputs = []
+    try:
+        for process in processes:
+            outputs.append(process.communicate(timeout=300)[0])
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    for i, (process, output) in enumerate(zip(processes, outputs)):
+        assert process.returncode == 0 and f"process {i} done" in output, output[-5000:]
+    # the warning about the corrupt step comes once, from process 0
+    assert "checkpoint step 3" in outputs[0] and "checkpoint step 3" not in outputs[1]
 
 
 @pytest.fixture
@@ -87,6 +210,10 @@ def test_model_directory_round_trip(classifier_model):
     assert model["config"] == config and model["vocab"] == vocab and model["classes"] == ["a", "b", "c"]
     jax.tree.map(np.testing.assert_array_equal, model["params"], jax.tree.map(np.asarray, params))
     jax.tree.map(np.testing.assert_array_equal, model["batch_stats"], jax.tree.map(np.asarray, batch_stats))
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in directory.iterdir():  # the permissions of any new file, not the temporary file's owner-only
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
     encoder_config, encoder_params, encoder_vocab = checkpoint.load_encoder(directory)
     assert encoder_config == config.encoder and encoder_vocab == vocab
     jax.tree.map(np.testing.assert_array_equal, encoder_params, jax.tree.map(np.asarray, params["encoder"]))
@@ -126,3 +253,38 @@ def test_a_failed_save_leaves_the_previous_model_intact(classifier_model, monkey
         checkpoint.save_model(directory, config, jax.tree.map(np.asarray, params), vocab)
     assert (directory / "params.npz").read_bytes() == before
     assert sorted(p.name for p in directory.iterdir()) == ["classes.json", "config.json", "params.npz", "vocab.json"]
+
+
+def test_an_empty_subtree_survives_a_round_trip(tmp_path):
+    """A tied language model without an output bias has `{"decoder": {}}`, which has no leaves."""
+    config = awd_lstm_lm_config(12, emb_size=4, n_hidden=6, n_layers=2, tie_weights=True, out_bias=False)
+    params = jax.tree.map(np.asarray, models.init_language_model(jax.random.PRNGKey(0), config))
+    assert params["decoder"] == {}
+    checkpoint.save_model(tmp_path / "lm", config, params, [f"t{i}" for i in range(12)])
+    loaded = checkpoint.load_model(tmp_path / "lm")["params"]
+    assert loaded["decoder"] == {}
+    assert jax.tree.structure(loaded) == jax.tree.structure(params)
+    jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
+@pytest.mark.parametrize("tree_", [
+    {}, [], {"a": {}, "b": [], "c": [{}, {"d": np.ones(2)}, []], "e": {"f": {"g": []}}, "h": np.zeros(0)},
+    [np.arange(3), {}, [[]]],
+])
+def test_flatten_and_unflatten_keep_empty_containers(tree_):
+    restored = checkpoint.unflatten_tree(checkpoint.flatten_tree(tree_))
+    assert jax.tree.structure(restored) == jax.tree.structure(tree_)
+    jax.tree.map(np.testing.assert_array_equal, restored, tree_)
+
+
+def test_a_tree_without_empty_containers_keeps_the_old_keys():
+    """Files written before the empty-container markers load as before, and those written now
+    without empty containers hold exactly the keys they always did."""
+    flat = checkpoint.flatten_tree({"encoder": {"rnn": [{"w": np.ones(2)}]}, "decoder": {"bias": np.zeros(3)}})
+    assert sorted(flat) == ["decoder/bias", "encoder/rnn/0/w"]
+
+
+@pytest.mark.parametrize("key", ["a/b", "__empty_dict__", "__empty_list__"])
+def test_an_ambiguous_key_is_refused(key):
+    with pytest.raises(ValueError, match="cannot store the tree key"):
+        checkpoint.flatten_tree({"x": {key: np.ones(1)}})

@@ -4,7 +4,9 @@ A model directory holds
 
     config.json   {"kind": "language_model" | "classifier", "config": {...}}
     params.npz    every parameter leaf, keyed by its tree path ("encoder/rnn/0/w_ih"); classifier
-                  batch-norm statistics under "batch_stats/..."
+                  batch-norm statistics under "batch_stats/..."; an empty dict or list in the tree
+                  (a tied decoder without an output bias: `{"decoder": {}}`) as a zero-length
+                  array under its path plus "/__empty_dict__" or "/__empty_list__"
     vocab.json    the vocabulary, a JSON list of token strings (index = id)
     classes.json  classifier only: the class names (index = label id)
 
@@ -51,14 +53,35 @@ def config_from_dict(data: dict):
 # ----------------------------------------------------------------------------------------------
 # Pytrees <-> flat {path: array}
 
+# An empty container has no leaves, so it would vanish from a flat {path: array} mapping and the
+# loaded tree would lack it (a tied decoder without an output bias is `{}`; code that indexes
+# `params["decoder"]` then fails). It is written as one zero-length array under a reserved last
+# path part instead. Files written before these markers existed simply have none, and load as
+# they always did; parameter names never start with "__".
+EMPTY_DICT = "__empty_dict__"
+EMPTY_LIST = "__empty_list__"
+_MARKERS = {EMPTY_DICT: dict, EMPTY_LIST: list}
+
+
 def flatten_tree(tree, prefix: str = "") -> dict[str, np.ndarray]:
-    """Nested dicts and lists -> {"a/0/b": array}."""
+    """Nested dicts and lists -> {"a/0/b": array}; an empty dict or list -> {"a/__empty_dict__": []}.
+
+    A key must contain no "/" and be no marker name: either would make the path ambiguous, so the
+    tree would not come back unchanged from `unflatten_tree`.
+    """
     if isinstance(tree, dict):
         items = tree.items()
+        for name in tree:
+            if "/" in str(name) or str(name) in _MARKERS:
+                raise ValueError(f"cannot store the tree key {name!r} under {prefix or '(the root)'}: a key "
+                                 f"must contain no '/' and be none of {sorted(_MARKERS)}")
     elif isinstance(tree, (list, tuple)):
         items = enumerate(tree)
     else:
         return {prefix: np.asarray(tree)}
+    if not tree:
+        marker = EMPTY_DICT if isinstance(tree, dict) else EMPTY_LIST
+        return {f"{prefix}/{marker}" if prefix else marker: np.zeros(0, np.uint8)}
     flat = {}
     for name, value in items:
         flat.update(flatten_tree(value, f"{prefix}/{name}" if prefix else str(name)))
@@ -66,7 +89,8 @@ def flatten_tree(tree, prefix: str = "") -> dict[str, np.ndarray]:
 
 
 def unflatten_tree(flat: dict[str, np.ndarray]):
-    """Inverse of `flatten_tree`: path parts that are all digits become list indices."""
+    """Inverse of `flatten_tree`: path parts that are all digits become list indices, and the
+    empty-container markers become `{}` or `[]` again."""
     root: dict = {}
     for path, value in flat.items():
         node = root
@@ -78,6 +102,8 @@ def unflatten_tree(flat: dict[str, np.ndarray]):
     def listify(node):
         if not isinstance(node, dict):
             return node
+        if len(node) == 1 and next(iter(node)) in _MARKERS:
+            return _MARKERS[next(iter(node))]()
         node = {k: listify(v) for k, v in node.items()}
         if node and all(k.isdigit() for k in node):
             return [node[str(i)] for i in range(len(node))]
@@ -86,12 +112,19 @@ def unflatten_tree(flat: dict[str, np.ndarray]):
     return listify(root)
 
 
+# The process's umask, read once at import: `mkstemp` creates files readable by their owner only,
+# and a model directory or run.json should get the permissions any other new file would.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def _atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder, then rename: never a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(descriptor, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o666 & ~_UMASK)
             write(handle)
         os.replace(temporary, path)
     except BaseException:
@@ -163,12 +196,21 @@ def load_encoder(directory) -> tuple[EncoderConfig, dict, list[str]]:
 # Training checkpoints (orbax)
 
 class TrainingCheckpointer:
-    """orbax `CheckpointManager` over `{"params", "opt_state", "carry", "step"}`.
+    """orbax `CheckpointManager` over the training loop's tree (`{"params", "opt_state", "carry", "step"}`).
 
     orbax writes each step to a temporary folder and renames it when complete, so a crash leaves
     the previous checkpoints intact; `restore` falls back to an older step when the newest cannot
-    be read. The optimizer state's structure depends on the stage, so restoring needs a target
-    tree of the right structure (`abstract`).
+    be read.
+
+    Several JAX processes (`jax.distributed`): every process constructs the checkpointer and calls
+    `save` and `restore` together, in the same order, on the same folder (one that all of them
+    see) and with the same global arrays. orbax divides the work itself: each process writes the
+    shards it holds, process 0 (orbax's primary host) creates the folders, commits each step and
+    deletes old ones, and barriers keep the processes together; that is why nothing here may skip
+    a call on some processes. The only things this wrapper does on one process are its warnings
+    (process 0 prints them, once for the run); and `restore` checks that every process restored
+    the same step, as a process that failed to read a step would otherwise go on from an older one
+    than the rest.
     """
 
     def __init__(self, directory, max_to_keep: int = 2):
@@ -179,28 +221,58 @@ class TrainingCheckpointer:
             max_to_keep=max_to_keep, enable_async_checkpointing=False))
 
     def save(self, step: int, tree) -> None:
+        """Write `tree` as checkpoint `step` and wait until it is committed (all processes call this)."""
         self.manager.save(step, args=self._ocp.args.StandardSave(tree), force=True)
         self.manager.wait_until_finished()
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def restore(self, target_for_step):
+    def restore(self, target):
         """-> (step, tree) from the newest readable checkpoint, or (None, None) when there is none.
 
-        `target_for_step(step)` gives a tree of the structure saved at that step (arrays or
-        ShapeDtypeStructs).
+        `target` says what was saved and where the restored arrays go: a tree of the saved
+        structure (arrays or ShapeDtypeStructs; a jax.Array's sharding is the restored copy's), or
+        a callable `target(step)` giving that tree for a step, for runs whose tree changes
+        structure between steps (an optimizer state per stage). All processes call this together.
         """
         import jax
-        errors = []
+        errors, found = [], None
         for step in sorted(self.manager.all_steps(), reverse=True):
+            tree = target(step) if callable(target) else target
             try:
-                abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, target_for_step(step))
-                return step, self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
+                abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, tree)
+                found = step, self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
+                break
             except Exception as error:  # a corrupt or partial step: say so, try the one before
                 errors.append(f"step {step}: {type(error).__name__}: {error}")
-                print(f"warning: checkpoint step {step} in {self.directory} is unreadable, trying an older one",
-                      flush=True)
+                if jax.process_index() == 0:
+                    print(f"warning: checkpoint step {step} in {self.directory} is unreadable, trying an older one",
+                          flush=True)
+        _same_step_on_every_process(None if found is None else found[0], self.directory)
+        if found is not None:
+            return found
         if errors:
             raise RuntimeError("no readable checkpoint in " + str(self.directory) + ":\n" + "\n".join(errors))
         return None, None
+
+
+def _same_step_on_every_process(step: int | None, directory: Path) -> None:
+    """Raise on every process when the processes restored different steps (None: nothing).
+
+    The steps are listed from the shared folder, so the processes try the same ones in the same
+    order; they part only when a step reads on some processes and fails on others, and training
+    on from different states would be silently wrong. One process: nothing to compare. (This
+    catches the processes that fail a step and read an older one. A process that reads no step
+    at all never reaches orbax's barrier at the end of a restore, so the processes that did read
+    one wait there until orbax's barrier times out.)
+    """
+    import jax
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+    steps = np.asarray(multihost_utils.process_allgather(np.int32(-1 if step is None else step))).ravel()
+    if len(set(steps.tolist())) > 1:
+        named = ", ".join(f"process {i}: {'none' if s < 0 else f'step {s}'}" for i, s in enumerate(steps.tolist()))
+        raise RuntimeError(f"the processes restored different checkpoints from {directory} ({named}); "
+                           "check that every process sees the same folder, or start afresh with --no-resume")
