@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fastai_reference import (fastai_classifier, fastai_language_model, gradient_dict, pad_input_chunk,
-                              state_dict_numpy, torch)
+from fastai_reference import (encoder_kwargs, fastai_classifier, fastai_language_model, gradient_dict,
+                              pad_input_chunk, state_dict_numpy, torch)
 from ulmfit_jax import convert, encoder, losses, models
 from ulmfit_jax.config import awd_lstm_clas_config, awd_lstm_lm_config
 
@@ -173,6 +173,66 @@ def test_export_then_fastai_gives_the_same_logits(tmp_path):
     tokens = torch.tensor(_padded_batch(clas_config, [11, 4], seed=2))
     with torch.no_grad():
         np.testing.assert_array_equal(target(tokens)[0].numpy(), source(tokens)[0].numpy())
+
+
+@pytest.mark.parametrize("spec", LM_CONFIGS, ids=lambda s: f"L{s['n_layers']}-bidir{s.get('bidirectional', False)}")
+def test_exported_keys_are_in_fastais_order(spec):
+    """fastai's `load_pretrained` matches tensors by position: the export must list them as fastai does."""
+    config = _lm_config(spec)
+    reference = fastai_language_model(config)
+    _, params = convert.import_language_model(state_dict_numpy(reference))
+    assert list(convert.export_language_model(params, config)) == list(reference.state_dict())
+    clas_spec = {k: v for k, v in spec.items() if k != "tie_weights"}
+    clas_config = _classifier_config(dict(clas_spec, n_classes=3, bptt=5, max_len=10, hidden_sizes=(6,)))
+    reference = fastai_classifier(clas_config)
+    _, params, stats = convert.import_classifier(state_dict_numpy(reference))
+    assert list(convert.export_classifier(params, stats, clas_config)) == list(reference.state_dict())
+
+
+# emb 10 != n_hid 14: a wrong order is a size mismatch; emb == n_hid == 12: every LSTM matrix has
+# the same shape and a wrong order would load the wrong tensors without a word.
+@pytest.mark.parametrize("sizes", [dict(emb_size=10, n_hidden=14), dict(emb_size=12, n_hidden=12)],
+                         ids=lambda s: f"emb{s['emb_size']}-hid{s['n_hidden']}")
+def test_exported_lm_loads_through_fastais_load_pretrained(tmp_path, sizes):
+    """Our LM -> convert_fastai's export -> fastai's own `language_model_learner` +
+    `Learner.load_pretrained` onto another vocabulary: fastai's weights and logits equal ours after
+    our `match_embeddings`."""
+    from fastai.data.core import DataLoaders
+    from fastai.text.data import LMDataLoader
+    from fastai.text.learner import language_model_learner
+    from fastai.text.models.awdlstm import AWD_LSTM
+
+    old_vocab = ["xxunk", "xxpad"] + [f"w{i}" for i in range(28)]
+    new_vocab = ["xxunk", "xxpad", "w5", "new0", "w1", "w29", "new1"] + [f"w{i}" for i in range(10, 25)]
+    config = awd_lstm_lm_config(len(old_vocab), n_layers=2, **sizes)
+    params = jax.tree.map(np.asarray, models.init_language_model(jax.random.PRNGKey(3), config))
+    params["decoder"]["bias"] = np.random.default_rng(0).normal(size=len(old_vocab)).astype(np.float32)
+    convert.write_state_dict(convert.export_language_model(params, config), tmp_path / "lm.pth")
+    convert.write_vocab_pickle(old_vocab, tmp_path / "lm.pkl")
+
+    ids = [torch.tensor(np.random.default_rng(1).integers(2, len(new_vocab), size=40))]
+    dls = DataLoaders(LMDataLoader(ids, bs=2, seq_len=5), LMDataLoader(ids, bs=2, seq_len=5), path=tmp_path)
+    dls.vocab = new_vocab
+    fastai_config = dict(encoder_kwargs(config.encoder), output_p=config.output_p,
+                         tie_weights=config.tie_weights, out_bias=config.out_bias)
+    torch.manual_seed(0)
+    learn = language_model_learner(dls, AWD_LSTM, config=fastai_config, pretrained=False)
+    learn.load_pretrained(tmp_path / "lm.pth", tmp_path / "lm.pkl")
+
+    moved = convert.match_embeddings(params, old_vocab, new_vocab)
+    new_config = dataclasses.replace(config, encoder=dataclasses.replace(config.encoder, vocab_size=len(new_vocab)))
+    _, loaded = convert.import_language_model(state_dict_numpy(learn.model), new_config)
+    # equal but for the mean rows of unknown tokens (torch's mean and numpy's round differently)
+    jax.tree.map(lambda ours, theirs: np.testing.assert_allclose(theirs, ours, rtol=1e-5, atol=1e-7), moved, loaded)
+
+    tokens = np.random.default_rng(2).integers(0, len(new_vocab), size=(3, 8))
+    model = learn.model.eval()
+    model.reset()
+    with torch.no_grad():
+        expected = model(torch.tensor(tokens))[0].numpy()
+    logits, _, _ = models.language_model_apply(moved, jnp.asarray(tokens),
+                                               encoder.initial_state(new_config.encoder, 3), config=new_config)
+    np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-5, rtol=0)
 
 
 def _as_v1(state_dict):

@@ -56,6 +56,7 @@ def test_import_evaluate_export_round_trip(tmp_path):
     run("convert_fastai.py", "export", "--model", tmp_path / "model", "--weights", tmp_path / "back.pth",
         "--vocab", tmp_path / "back.pkl")
     back = torch.load(tmp_path / "back.pth", weights_only=True)
+    assert list(back) == list(reference.state_dict())       # the order too: fastai's load_pretrained goes by position
     for key, value in reference.state_dict().items():
         assert torch.equal(back[key], value), key
     with open(tmp_path / "back.pkl", "rb") as handle:

@@ -42,7 +42,8 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
 
 def write_state_dict(state_dict: dict[str, np.ndarray], path) -> None:
     import torch
-    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}, path)
+    # a copy: arrays from JAX (or a memory map) are read-only, which torch.from_numpy warns about
+    torch.save({k: torch.from_numpy(np.array(v, order="C", copy=True)) for k, v in state_dict.items()}, path)
 
 
 def write_vocab_pickle(vocab: list[str], path) -> None:
@@ -81,21 +82,27 @@ def detect_format(state_dict: dict) -> tuple[str, str]:
 
 
 def _encoder_keys(prefix: str, n_layers: int, bidirectional: bool, version: str) -> dict:
-    """Our encoder leaf path -> fastai key."""
+    """Our encoder leaf path -> fastai keys, in the order of fastai's own `state_dict()`.
+
+    The order matters: fastai's `Learner.load_pretrained` (behind `language_model_learner(...,
+    pretrained_fnames=...)`) copies tensors by position (`load_ignore_keys`), not by name. In an
+    AWD_LSTM each layer is a WeightDropout, whose own parameter `weight_hh_l0_raw` comes before its
+    submodule's, the wrapped nn.LSTM's `module.*` tensors: `weight_ih_l0, bias_ih_l0, bias_hh_l0`,
+    then the reverse direction's four in nn.LSTM's order (`weight_hh_l0_reverse` second)."""
     dropout_embedding = "encoder_with_dropout.embed.weight" if version == "0.7" else "encoder_dp.emb.weight"
     keys = {("embed",): [prefix + "encoder.weight", prefix + dropout_embedding]}
     raw_hh = "module.weight_hh_l0_raw" if version == "0.7" else "weight_hh_l0_raw"
     for layer in range(n_layers):
         base = f"{prefix}rnns.{layer}."
-        directions = [("forward", "")] + ([("backward", "_reverse")] if bidirectional else [])
-        for direction, suffix in directions:
-            path = ("rnn", layer) + ((direction,) if bidirectional else ())
-            for ours, theirs in _LSTM_NAMES.items():
-                keys[path + (ours,)] = [base + "module." + theirs + suffix]
-            if direction == "forward":
-                keys[path + ("w_hh",)] = [base + raw_hh] + ([base + "module.weight_hh_l0"] if version == "v1" else [])
-            else:
-                keys[path + ("w_hh",)] = [base + "module.weight_hh_l0_reverse"]
+        forward = ("rnn", layer) + (("forward",) if bidirectional else ())
+        keys[forward + ("w_hh",)] = [base + raw_hh] + ([base + "module.weight_hh_l0"] if version == "v1" else [])
+        for ours, theirs in _LSTM_NAMES.items():
+            keys[forward + (ours,)] = [base + "module." + theirs]
+        if bidirectional:
+            backward = ("rnn", layer, "backward")
+            for ours, theirs in (("w_ih", "weight_ih_l0"), ("w_hh", "weight_hh_l0"),
+                                 ("b_ih", "bias_ih_l0"), ("b_hh", "bias_hh_l0")):
+                keys[backward + (ours,)] = [base + "module." + theirs + "_reverse"]
     return keys
 
 
@@ -296,7 +303,8 @@ def _export_encoder(params: dict, config: EncoderConfig, prefix: str) -> dict:
 
 
 def export_language_model(params: dict, config: LanguageModelConfig) -> dict[str, np.ndarray]:
-    """-> a fastai v2 LM state dict (keys in fastai's order) that `get_language_model` loads strictly."""
+    """-> a fastai v2 LM state dict that `get_language_model` loads strictly, its keys in the order of
+    fastai's own state dict (encoder, then decoder), which `Learner.load_pretrained` relies on."""
     out = _export_encoder(params["encoder"], config.encoder, "0.")
     embed = out["0.encoder.weight"]
     out["1.decoder.weight"] = embed if config.tie_weights else np.asarray(params["decoder"]["weight"], np.float32)
