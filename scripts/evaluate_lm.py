@@ -4,12 +4,14 @@
   python scripts/evaluate_lm.py --model DIR --ids IDS.npy --bs 1 --bptt 70
 
 `--ids` is a 1-D integer .npy of token ids in the model's vocabulary. The last stdout line is JSON:
-{"loss": mean next-token cross-entropy, "perplexity": exp(loss), "accuracy": ..., "tokens": predicted tokens}.
+{"loss": mean next-token cross-entropy, "perplexity": exp(loss), "accuracy": ..., "tokens": predicted tokens,
+"seconds": wall time of the evaluation, compile included, "tokens_per_s": tokens / seconds}.
 """
 
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -37,9 +39,12 @@ def main(argv=None):
     if not np.issubdtype(ids.dtype, np.integer):
         raise SystemExit(f"error: {args.ids} holds {ids.dtype}, not integer token ids")
     try:
+        start = time.perf_counter()
         result = evaluate_language_model(model["params"], model["config"], ids, batch_size=args.bs, bptt=args.bptt)
+        seconds = time.perf_counter() - start
     except ValueError as error:
         raise SystemExit(f"error: {error}")
+    result.update(seconds=round(seconds, 4), tokens_per_s=round(result["tokens"] / seconds, 1))
     print(json.dumps(result))
 
 

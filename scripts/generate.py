@@ -4,11 +4,12 @@
   python scripts/generate.py --model DIR --prompt "The history of" --n-words 40 --temperature 0.75
 
 The prompt is tokenized as in training (fastai's rules and the default tokenizer, so `xxbos`
-first), run once, then one token is sampled per step (`ulmfit_jax.generate`). `--n-words` counts
-tokens, as fastai's `LMLearner.predict(n_words=...)` does. With `--backwards` (a backwards LM)
+first), run once, then the new tokens are sampled in one compiled loop (`ulmfit_jax.generate`).
+`--n-words` counts tokens, as fastai's `LMLearner.predict(n_words=...)` does. With `--backwards` (a backwards LM)
 the model writes what comes before the prompt. The last stdout line is JSON:
 {"prompt", "text": prompt and continuation detokenized, "tokens": the generated tokens in reading
-order, "seconds": wall time of the generation, compiles included}.
+order, "seconds": wall time of the generation, compiles included, "tokens_per_s": generated tokens
+per second of it}.
 """
 
 import argparse
@@ -66,7 +67,8 @@ def main(argv=None):
         text = rules.detokenize(new_tokens + prompt_tokens)
     else:
         text = rules.detokenize(prompt_tokens + new_tokens)
-    print(json.dumps({"prompt": args.prompt, "text": text, "tokens": new_tokens, "seconds": round(seconds, 4)}))
+    print(json.dumps({"prompt": args.prompt, "text": text, "tokens": new_tokens, "seconds": round(seconds, 4),
+                      "tokens_per_s": round(len(out) / seconds, 1)}))
 
 
 if __name__ == "__main__":

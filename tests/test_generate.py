@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jit_calls import count_jitted_calls
 from ulmfit_jax import checkpoint, convert, generate, models
 from ulmfit_jax.config import awd_lstm_lm_config, awd_qrnn_lm_config
 from ulmfit_jax.text.rules import SPECIAL_TOKENS
@@ -41,14 +42,34 @@ def test_carried_state_equals_rerunning_the_prefix(config_fn, sampling):
         assert len(set(carried.ravel().tolist())) > 2   # a varied sequence, not a fixed point
 
 
-def test_one_compile_for_any_number_of_tokens():
+def test_one_compile_per_number_of_tokens_whatever_the_prompt():
     config, params = _model(seed=4)
     key = jax.random.PRNGKey(0)
-    generate.generate(params, np.full((2, 4), 7), 3, key, config=config, sampling=GREEDY, window=3)
-    compiled = generate._step._cache_size(), generate._feed._cache_size()
-    for n, length in ((9, 3), (17, 7), (5, 1)):
-        generate.generate(params, np.full((2, length), 9), n, key, config=config, sampling=GREEDY, window=3)
-    assert (generate._step._cache_size(), generate._feed._cache_size()) == compiled
+    generate.generate(params, np.full((2, 4), 7), 5, key, config=config, sampling=GREEDY, window=3)
+    compiled = generate._continue._cache_size(), generate._feed._cache_size()
+    for length in (3, 7, 1, 12):     # 0, 2, 0 and 2 tokens left over after the whole windows
+        generate.generate(params, np.full((2, length), 9), 5, key, config=config, sampling=GREEDY, window=3)
+    assert (generate._continue._cache_size(), generate._feed._cache_size()) == compiled
+    # n_tokens is static: a new count compiles the generation loop once, and the prompt windows not at all
+    for _ in range(2):
+        generate.generate(params, np.full((2, 7), 9), 9, key, config=config, sampling=GREEDY, window=3)
+    assert (generate._continue._cache_size(), generate._feed._cache_size()) == (compiled[0] + 1, compiled[1])
+
+
+@pytest.mark.parametrize("length, windows", [(8, 2), (2, 0), (1, 0)])
+def test_the_new_tokens_are_one_dispatch(monkeypatch, length, windows):
+    config, params = _model(seed=5)
+    prompt = np.random.default_rng(length).integers(2, 40, size=(2, length))
+    sampling = generate.Sampling(temperature=0.7, top_k=10)
+    key = jax.random.PRNGKey(3)
+    expected = generate.generate_by_rerunning(params, prompt, 30, key, config=config, sampling=sampling)
+    calls = count_jitted_calls(monkeypatch, generate)
+    out = generate.generate(params, prompt, 30, key, config=config, sampling=sampling, window=3)
+    # one call per whole prompt window of 3 (of the T - 1 tokens before the last), then one for
+    # the leftover prompt tokens and all 30 new ones: nothing per token
+    assert calls.pop("_feed", None) == windows and calls.pop("_continue", None) == 1, calls
+    assert not any(calls.values()), calls
+    np.testing.assert_array_equal(out, expected)
 
 
 def test_temperature_top_k_min_p_and_no_unk_weights():

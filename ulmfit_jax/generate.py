@@ -2,9 +2,10 @@
 
 fastai's `LMLearner.predict` reruns the model over the whole prefix for every new token (O(n^2)
 in the generated length). Here the prompt goes through the model once, in windows of `window`
-tokens, and then each new token is one call of a jitted single-token step that takes the state
-the previous call returned, the way training carries it between BPTT windows. In eval mode the
-two give the same next-token distributions (tests/test_generate.py checks greedy equality).
+tokens, and then the new tokens come from one compiled loop of a single-token step that carries
+the state from token to token, the way training carries it between BPTT windows, and samples on
+the device. In eval mode the two give the same next-token distributions (tests/test_generate.py
+checks it).
 
 Sampling options, as fastai's `predict` applies them to the next-token probabilities p
 (`Sampling`): `no_unk` sets p[xxunk] = 0; `min_p` zeroes every p < min_p (skipped, as in fastai,
@@ -12,8 +13,9 @@ when no token reaches min_p); `temperature` T samples from p ** (1 / T); `top_k`
 keeps the k most probable tokens; `top_k=1` is greedy decoding. Done in log space
 (log p / T), which is the same distribution without underflow at small T.
 
-Compiles: one for a [B, window] prompt window, one for the [B, 1] step (the prompt tokens left
-over go through the single-token step too), whatever the prompt or output length.
+Compiles: one for a [B, window] prompt window and one of the generation loop per (B, window,
+number of new tokens); the prompt tokens left over after the whole windows run in that loop too,
+so the prompt's length compiles nothing new.
 """
 
 from __future__ import annotations
@@ -91,11 +93,32 @@ def _feed(params, state, tokens, *, config: LanguageModelConfig):
     return models.language_model_apply(params, tokens, state, config=config)[1]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "sampling"))
-def _step(params, state, tokens, key, *, config: LanguageModelConfig, sampling: Sampling):
-    """One token: tokens int32[B] -> (the tokens sampled to follow them int32[B], new state)."""
-    logits, state, _ = models.language_model_apply(params, tokens[:, None], state, config=config)
-    return sample(logits[:, -1], key, sampling), state
+@functools.partial(jax.jit, static_argnames=("config", "sampling", "n_tokens"))
+def _continue(params, state, rest, n_rest, last, key, *, config: LanguageModelConfig, sampling: Sampling,
+              n_tokens: int):
+    """The prompt's leftover tokens, then `n_tokens` sampled ones, in one program.
+
+    rest: int32[B, R] whose first `n_rest` (int32[], traced) columns are the prompt tokens after
+    its whole windows and before its last token (the other columns are ignored); last: int32[B],
+    the prompt's last token. The leftover tokens go through the single-token model in a
+    `lax.fori_loop` with a traced trip count (so any n_rest <= R shares the program); then a
+    `lax.scan` of length `n_tokens` feeds each token, samples the next with
+    `fold_in(key, i)` and carries (state, token). Returns int32[B, n_tokens].
+    """
+    def one_token(state, tokens):   # int32[B] -> (logits f32[B, V], new state)
+        logits, state, _ = models.language_model_apply(params, tokens[:, None], state, config=config)
+        return logits[:, -1], state
+
+    state = jax.lax.fori_loop(0, n_rest, lambda i, s: one_token(s, rest[:, i])[1], state)
+
+    def new_token(carry, i):
+        state, tokens = carry
+        logits, state = one_token(state, tokens)
+        tokens = sample(logits, jax.random.fold_in(key, i), sampling)
+        return (state, tokens), tokens
+
+    _, tokens = jax.lax.scan(new_token, (state, last), jnp.arange(n_tokens, dtype=jnp.uint32))
+    return tokens.T
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -126,10 +149,12 @@ def generate(params, prompt: np.ndarray, n_tokens: int, key: jax.Array, *, confi
     """Continue each row of the prompt int[B, T] by `n_tokens` sampled tokens -> int32[B, n_tokens].
 
     The prompt runs once from a reset state: its first T - 1 tokens in whole windows of `window`
-    tokens (fastai's bptt is a good size) and what is left of them one at a time, then its last
-    token through the single-token step, which samples the first new token. Each further token is
-    one call of that jitted step with the state carried, so two shapes compile ([B, window] and
-    [B, 1]) whatever T and n_tokens. Token i is drawn with `fold_in(key, i)`: a key fixes the output.
+    tokens (fastai's bptt is a good size; one call each) and the T - 1 mod `window` left over
+    one at a time, then its last token samples the first new token. The leftover tokens and all
+    n_tokens new ones are one compiled loop with the state carried and the sampling on the device
+    (`_continue`): one dispatch and one read of int32[B, n_tokens], not one per token.
+    `n_tokens` is static: each new value compiles that loop once (as does a new B or `window`);
+    the prompt's length T does not. Token i is drawn with `fold_in(key, i)`: a key fixes the output.
     """
     prompt = _check_request(prompt, n_tokens, config, sampling)
     if window < 1:
@@ -138,14 +163,13 @@ def generate(params, prompt: np.ndarray, n_tokens: int, key: jax.Array, *, confi
     n_windowed = (prompt.shape[1] - 1) // window * window
     for start in range(0, n_windowed, window):
         state = _feed(params, state, jnp.asarray(prompt[:, start:start + window]), config=config)
-    for position in range(n_windowed, prompt.shape[1] - 1):   # the sampled token is not used
-        _, state = _step(params, state, jnp.asarray(prompt[:, position]), key, config=config, sampling=sampling)
-    tokens = [jnp.asarray(prompt[:, -1])]
-    for i in range(n_tokens):
-        token, state = _step(params, state, tokens[-1], jax.random.fold_in(key, i), config=config,
-                             sampling=sampling)
-        tokens.append(token)
-    return np.stack([np.asarray(t) for t in tokens[1:]], axis=1)
+    # the leftover, in a buffer of one width for every T (at least 1 column, for window = 1)
+    rest = np.full((prompt.shape[0], max(window - 1, 1)), config.encoder.pad_token, np.int32)
+    n_rest = prompt.shape[1] - 1 - n_windowed
+    rest[:, :n_rest] = prompt[:, n_windowed:-1]
+    tokens = _continue(params, state, rest, np.int32(n_rest), prompt[:, -1], key, config=config,
+                       sampling=sampling, n_tokens=int(n_tokens))
+    return np.asarray(tokens)
 
 
 def generate_by_rerunning(params, prompt: np.ndarray, n_tokens: int, key: jax.Array, *,
