@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-from ulmfit_jax import checkpoint, ensemble, train  # noqa: E402
+from ulmfit_jax import checkpoint, ensemble, metrics  # noqa: E402
 from ulmfit_jax.config import LanguageModelConfig  # noqa: E402
 from ulmfit_jax.evaluation import evaluate_language_model  # noqa: E402
 from ulmfit_jax.text.batches import concatenate_documents  # noqa: E402
@@ -61,7 +61,7 @@ def main(argv=None):
         else:
             probabilities = ensemble.classifier_probabilities(first, split.documents, backwards=args.backwards,
                                                               batch_size=args.bs)
-        result = train.classification_metrics(probabilities, np.asarray(split.labels))
+        result = metrics.classification_metrics(probabilities, np.asarray(split.labels))
         result["documents"] = len(split.documents)
     print(json.dumps({"split": args.split, **result}))
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ulmfit_jax import checkpoint, cli, convert, optim, train  # noqa: E402
+from ulmfit_jax import checkpoint, cli, convert, optim, parallel, train  # noqa: E402
 from ulmfit_jax.config import LanguageModelConfig  # noqa: E402
 
 
@@ -76,9 +76,10 @@ def main(argv=None):
                                      optim.freeze(n_groups)))
     final_params, history, throughput = cli.fit_language_model_from_args(
         args, params, config, data.vocab, train_docs, valid_docs, stages, "finetune")
-    best = checkpoint.load_model(args.out / "best") if (args.out / "best").exists() else None
-    encoder_params = best["params"]["encoder"] if best else jax.tree.map(np.asarray, final_params["encoder"])
-    checkpoint.save_encoder(args.out / "encoder", config.encoder, encoder_params, data.vocab)
+    if parallel.is_main_process():
+        best = checkpoint.load_model(args.out / "best") if (args.out / "best").exists() else None
+        encoder_params = best["params"]["encoder"] if best else parallel.to_host(final_params["encoder"])
+        checkpoint.save_encoder(args.out / "encoder", config.encoder, encoder_params, data.vocab)
     final = history[-1] if history else {}
     cli.finish({"stage": "finetune", "encoder": str(args.out / "encoder"), **{k: final.get(k) for k in (
         "epoch", "step", "train_loss", "valid_loss", "valid_perplexity", "valid_accuracy")}}, throughput, started)

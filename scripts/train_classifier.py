@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ulmfit_jax import checkpoint, cli, models, optim, train  # noqa: E402
+from ulmfit_jax import checkpoint, cli, metrics, models, optim, parallel, predict, train  # noqa: E402
 
 FACTOR = 2.6
 
@@ -79,7 +79,7 @@ def main(argv=None):
             params, batch_stats, config, train_docs, train_labels, valid_docs, valid_labels, stages,
             batch_size=args.bs, seed=args.seed, backwards=args.backwards, regularization=regularization,
             max_steps=args.max_steps, compute_dtype=cli.compute_dtype(args), checkpointer=checkpointer, log=log,
-            progress=True,
+            progress=parallel.is_main_process(), **cli.loop_options(args),
             on_epoch_end=cli.best_and_last(args.out, config, data.vocab, "valid_accuracy", lower_is_better=False,
                                            classes=data.classes))
 
@@ -92,11 +92,13 @@ def main(argv=None):
         result.update({k: history[-1].get(k) for k in ("epoch", "step", "train_loss", "valid_loss", "valid_accuracy",
                                                        "valid_macro_f1")})
     if "test" in data.splits and data.splits["test"].labels is not None:
-        settings = train.classifier_batch_settings(config, args.bs, args.backwards)
-        probabilities = train.predict_classifier(train.classifier_predictor(config), final_params, final_stats,
-                                                 data.splits["test"].documents, settings)
-        metrics = train.classification_metrics(probabilities, np.asarray(data.splits["test"].labels))
-        result.update({f"test_{k}": v for k, v in metrics.items()})
+        # the training batches' shapes, so that the test set reuses the validation's compiled programs
+        settings, _ = train.classifier_layout(config, train_docs, args.bs, args.backwards)
+        probabilities = predict.predict_classifier(predict.classifier_predictor(config),
+                                                   *parallel.local_copy((final_params, final_stats)),
+                                                   data.splits["test"].documents, settings)
+        scores = metrics.classification_metrics(probabilities, np.asarray(data.splits["test"].labels))
+        result.update({f"test_{k}": v for k, v in scores.items()})
     cli.finish(result, throughput, started)
 
 

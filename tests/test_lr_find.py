@@ -53,7 +53,7 @@ def test_exponential_schedule_equals_fastai_sched_exp():
 
 def _fake_step(raw):
     """A `step` whose loss at call i is raw[i] (carry counts the calls)."""
-    return lambda count, _batch, _key: (count + 1, raw[count])
+    return lambda count, _batch: (count + 1, raw[count])
 
 
 def _fastai_smoothed(raw):

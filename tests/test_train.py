@@ -1,4 +1,4 @@
-"""Training steps and loops: freezing, compile counts, resuming, several devices."""
+"""Training steps and loops: freezing, compile counts, reading losses, resuming, several devices."""
 
 import dataclasses
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ulmfit_jax import checkpoint, models, optim, parallel, train
+from ulmfit_jax import checkpoint, metrics, models, optim, parallel, steps, train
 from ulmfit_jax.config import awd_lstm_clas_config, awd_lstm_lm_config
 
 LM_CONFIG = awd_lstm_lm_config(40, emb_size=8, n_hidden=12, n_layers=2)
@@ -27,38 +27,57 @@ def random_lm_batches(n, seed=0):
     return [(jnp.asarray(rng.integers(0, 40, (4, 5))), jnp.asarray(rng.integers(0, 40, (4, 5)))) for _ in range(n)]
 
 
-def test_frozen_groups_stay_bit_identical_and_each_stage_compiles_once():
+def count_compiles(name="train_step"):
+    """A context manager listing the backend compiles of functions whose name contains `name`."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def counting():
+        compiles = []
+
+        def listener(event, _seconds, **kwargs):
+            if event == "/jax/core/compile/backend_compile_duration" and name in kwargs.get("fun_name", ""):
+                compiles.append(kwargs["fun_name"])
+        jax.monitoring.register_event_duration_secs_listener(listener)
+        try:
+            yield compiles
+        finally:
+            jax.monitoring.unregister_event_duration_listener(listener)
+    return counting()
+
+
+def test_one_program_serves_every_stage_and_frozen_groups_stay_bit_identical():
     params = models.init_language_model(jax.random.PRNGKey(0), LM_CONFIG)
     labels = optim.layer_group_labels(params, "lm")
     config = optim.OptimizerConfig(learning_rate=1e-2)
-    batches = random_lm_batches(3)
+    optimizer = optim.stage_optimizer(config, params, "lm")
+    train_step = steps.make_train_step("lm", LM_CONFIG, optimizer, params)
     initial = jax.tree.map(np.array, params)
-    state = models.encoder.initial_state(LM_CONFIG.encoder, 4)
-    for trainable in (optim.freeze(3), optim.freeze_to(-2, 3)):
-        optimizer = optim.make_optimizer(config, params, "lm", 10, trainable)
-        train_step = train.make_language_model_train_step(LM_CONFIG, optimizer, labels)
-        opt_state = optimizer.init(optim.split_trainable(params, labels, trainable)[0])
-        stage_start = jax.tree.map(np.array, params)
-        for step, (tokens, targets) in enumerate(batches):
-            params, opt_state, state, metrics = train_step(params, opt_state, state, tokens, targets,
-                                                           jax.random.PRNGKey(step), trainable)
-        assert train_step._cache_size() == 1
-        flat_labels = jax.tree.leaves(labels)
-        for label, before, after in zip(flat_labels, jax.tree.leaves(stage_start), jax.tree.leaves(params)):
-            if label in trainable:
-                assert not np.array_equal(before, after)
-            else:
-                np.testing.assert_array_equal(before, after)
+    state = steps.init_state(params, None, models.encoder.initial_state(LM_CONFIG.encoder, 4))
+    with count_compiles() as compiles:
+        for trainable in (optim.freeze(3), optim.freeze_to(-2, 3)):
+            state = state.replace(opt_state=optimizer.init(state.params, optim.stage_hyper(config, 3, 3, trainable)))
+            stage_start = jax.tree.map(np.array, state.params)
+            for tokens, targets in random_lm_batches(3):
+                state, _ = train_step(state, {"inputs": tokens, "targets": targets})
+            for label, before, after in zip(jax.tree.leaves(labels), jax.tree.leaves(stage_start),
+                                            jax.tree.leaves(state.params)):
+                if label in trainable:
+                    assert not np.array_equal(before, after)
+                else:
+                    np.testing.assert_array_equal(before, after)
+    assert len(compiles) == 1 and int(state.step) == 6
     # the first rnn layer was frozen throughout
-    np.testing.assert_array_equal(initial["encoder"]["rnn"][0]["w_hh"], params["encoder"]["rnn"][0]["w_hh"])
+    np.testing.assert_array_equal(initial["encoder"]["rnn"][0]["w_hh"], state.params["encoder"]["rnn"][0]["w_hh"])
 
 
-def _fit_lm(max_steps=None, checkpointer=None, mesh=None):
+def _fit_lm(max_steps=None, checkpointer=None, mesh=None, **options):
     params = models.init_language_model(jax.random.PRNGKey(1), LM_CONFIG)
     stages = [train.Stage(1, optim.OptimizerConfig(learning_rate=5e-2), optim.freeze(3)),
               train.Stage(2, optim.OptimizerConfig(learning_rate=3e-2))]
     return train.fit_language_model(params, LM_CONFIG, documents(16), documents(4, seed=1), stages, batch_size=4,
-                                    bptt=5, seed=3, max_steps=max_steps, checkpointer=checkpointer, mesh=mesh)
+                                    bptt=5, seed=3, max_steps=max_steps, checkpointer=checkpointer, mesh=mesh,
+                                    **options)
 
 
 def test_language_model_learns_and_a_stopped_run_resumes_exactly(tmp_path):
@@ -106,86 +125,86 @@ def test_classifier_learns_a_separable_task_with_gradual_unfreezing():
     assert not np.array_equal(initial_embed, params["encoder"]["embed"])
 
 
-def test_steps_compiled_ahead_are_what_the_loops_call():
-    """`compile_*_ahead` submits every stage and batch shape of the fits; the fits, started at once
-    (their first steps wait for or take over the background compiles), compile nothing more: each
-    train-step program is compiled exactly once."""
-    compiles = []
-
-    def listener(event, _seconds, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration" and "train_step" in kwargs.get("fun_name", ""):
-            compiles.append(kwargs["fun_name"])
-
+def test_each_program_compiles_once_for_the_whole_run():
+    """Two stages of each model: one train step for each batch shape (not one per stage and shape),
+    compiled ahead of use, and one classifier forward pass per validation shape."""
     lm_documents, clas_documents = documents(16), documents(40, seed=4, low=2, high=14)
     clas_labels = np.arange(40) % 3
     adam = lambda lr: optim.OptimizerConfig(learning_rate=lr)
-    lm_stages = [train.Stage(1, adam(1e-2), optim.freeze(3), quick_compile=True), train.Stage(1, adam(1e-3))]
-    clas_stages = [train.Stage(1, adam(1e-2), optim.freeze_to(-1, 4), quick_compile=True),
-                   train.Stage(1, adam(1e-3))]
+    lm_stages = [train.Stage(1, adam(1e-2), optim.freeze(3)), train.Stage(1, adam(1e-3))]
+    clas_stages = [train.Stage(1, adam(1e-2), optim.freeze_to(-1, 4)), train.Stage(1, adam(1e-3))]
     lm_params = models.init_language_model(jax.random.PRNGKey(0), LM_CONFIG)
     clas_params, stats = models.init_classifier(jax.random.PRNGKey(1), CLAS_CONFIG)
-    settings, _ = train._classifier_layout(CLAS_CONFIG, clas_documents, 8, False)
+    settings, _ = train.classifier_layout(CLAS_CONFIG, clas_documents, 8)
     assert len(settings.lengths) > 1
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        with train.CompileAhead() as ahead:
-            train.compile_language_model_ahead(ahead, jax.eval_shape(lambda: lm_params), LM_CONFIG,
-                                               sum(map(len, lm_documents)), lm_stages, batch_size=4, bptt=5)
-            train.compile_classifier_ahead(ahead, *jax.eval_shape(lambda: (clas_params, stats)), CLAS_CONFIG,
-                                           clas_documents, clas_stages, batch_size=8)
-            train.fit_language_model(lm_params, LM_CONFIG, lm_documents, None, lm_stages, batch_size=4, bptt=5,
-                                     ahead=ahead)
-            _, _, history, _ = train.fit_classifier(clas_params, stats, CLAS_CONFIG, clas_documents, clas_labels,
-                                                    None, None, clas_stages, batch_size=8, ahead=ahead)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+    with count_compiles() as compiles, count_compiles("predict") as predicts:
+        train.fit_language_model(lm_params, LM_CONFIG, lm_documents, None, lm_stages, batch_size=4, bptt=5)
+        _, _, history, _ = train.fit_classifier(clas_params, stats, CLAS_CONFIG, clas_documents, clas_labels,
+                                                clas_documents, clas_labels, clas_stages, batch_size=8)
     assert len(history) == 2
-    # LM: 2 stages, one shape; classifier: 2 stages x its bucket lengths; nothing twice
-    assert len(compiles) == 2 + 2 * len(settings.lengths)
+    assert len(compiles) == 1 + len(settings.lengths), compiles
+    assert len(predicts) == len(settings.lengths), predicts
 
 
-def test_a_quick_compiled_step_carries_its_options_and_trains_alike(monkeypatch):
-    """`quick_compile` reaches the step's `jax.jit` as XLA options (on CPU) and changes no result
-    beyond floating-point reassociation: three steps give the losses and parameters of the full compile."""
-    batches = random_lm_batches(3)
-    trainable = optim.freeze(3)
-    real_jit, options_seen = jax.jit, []
-
-    def recording_jit(*args, **kwargs):
-        options_seen.append(kwargs.get("compiler_options"))
-        return real_jit(*args, **kwargs)
-
+def test_a_program_per_stage_trains_alike():
+    """`share_compiles=False` differentiates only each stage's groups: a program per stage, the same
+    training up to floating-point reassociation."""
     results = {}
-    for quick in (False, True):
-        params = models.init_language_model(jax.random.PRNGKey(0), LM_CONFIG)
-        with monkeypatch.context() as patch:
-            patch.setattr(jax, "jit", recording_jit)
-            optimizer, train_step = train.stage_step("lm", LM_CONFIG, optim.OptimizerConfig(learning_rate=1e-2),
-                                                     jax.tree.structure(params), 10, trainable, quick_compile=quick)
-        quick_on_this_backend = quick and jax.default_backend() == "cpu"
-        assert options_seen[-1] == (dict(train.QUICK_COMPILE_CPU_OPTIONS) if quick_on_this_backend else None)
-        labels = optim.layer_group_labels(params, "lm")
-        opt_state = optimizer.init(optim.split_trainable(params, labels, trainable)[0])
-        state = models.encoder.initial_state(LM_CONFIG.encoder, 4)
-        step_losses = []
-        for step, (tokens, targets) in enumerate(batches):
-            params, opt_state, state, metrics = train_step(params, opt_state, state, tokens, targets,
-                                                           jax.random.PRNGKey(step), trainable)
-            step_losses.append(float(metrics["loss"]))
-        results[quick] = step_losses, params
-    np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-5)
-    for quick_leaf, full_leaf in zip(jax.tree.leaves(results[True][1]), jax.tree.leaves(results[False][1])):
-        np.testing.assert_allclose(quick_leaf, full_leaf, rtol=1e-4, atol=1e-6)
+    for share in (True, False):
+        with count_compiles() as compiles:
+            params, history, _ = _fit_lm(max_steps=None, share_compiles=share)
+        results[share] = params, [h["train_loss"] for h in history], len(compiles)
+    assert results[True][2] == 1 and results[False][2] == 2
+    np.testing.assert_allclose(results[False][1], results[True][1], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5), results[False][0],
+                 results[True][0])
+
+
+def test_losses_are_read_every_log_every_steps(monkeypatch):
+    reads = []
+    original = metrics.LossBuffer.read
+
+    def counting_read(self):
+        values = original(self)
+        reads.append(len(values))
+        return values
+    monkeypatch.setattr(metrics.LossBuffer, "read", counting_read)
+    _, history, _ = _fit_lm(log_every=4)
+    steps_per_epoch = history[0]["step"]
+    assert sum(reads) == 3 * steps_per_epoch and max(reads) == 4
+    assert len([r for r in reads if r]) == 3 * -(-steps_per_epoch // 4)
+
+
+def test_a_run_stopped_at_a_stage_boundary_resumes_exactly(tmp_path):
+    """The checkpoint that ends gradual unfreezing's first stage holds that stage's optimizer state; the
+    rerun starts the next stage from it and ends where the uninterrupted run ends."""
+    docs = documents(48, seed=2, low=3, high=12)
+    labels = np.array([int(d[0]) % 3 for d in docs])
+    params, stats = models.init_classifier(jax.random.PRNGKey(0), CLAS_CONFIG)
+    stages = [train.Stage(1, optim.OptimizerConfig(learning_rate=optim.Slice(1e-3, 1e-2)), optim.freeze_to(-1, 4)),
+              train.Stage(1, optim.OptimizerConfig(learning_rate=optim.Slice(1e-4, 1e-3)), optim.freeze_to(-2, 4)),
+              train.Stage(1, optim.OptimizerConfig(learning_rate=optim.Slice(1e-4, 1e-3)))]
+    fit = lambda **kw: train.fit_classifier(params, stats, CLAS_CONFIG, docs, labels, None, None, stages,
+                                            batch_size=8, seed=1, **kw)
+    whole, whole_stats, whole_history, _ = fit()
+    steps_per_epoch = whole_history[0]["step"]
+    for stop in (steps_per_epoch, steps_per_epoch + 1):            # at the boundary, and one step into stage 2
+        directory = tmp_path / f"stop{stop}"
+        fit(max_steps=stop, checkpointer=checkpoint.TrainingCheckpointer(directory))
+        resumed, resumed_stats, history, _ = fit(checkpointer=checkpoint.TrainingCheckpointer(directory))
+        assert history[-1]["step"] == whole_history[-1]["step"]
+        jax.tree.map(np.testing.assert_array_equal, (resumed, resumed_stats), (whole, whole_stats))
 
 
 def test_nan_loss_stops_with_the_step_named(tmp_path):
     params = models.init_language_model(jax.random.PRNGKey(1), LM_CONFIG)
     params["decoder"]["bias"] = params["decoder"]["bias"].at[3].set(jnp.nan)
-    with pytest.raises(FloatingPointError, match="loss is nan at step 0"):
+    checkpointer = checkpoint.TrainingCheckpointer(tmp_path / "c")
+    with pytest.raises(FloatingPointError, match="the loss is nan at step 0"):
         train.fit_language_model(params, LM_CONFIG, documents(30), None,
                                  [train.Stage(1, optim.OptimizerConfig())], batch_size=4, bptt=5,
-                                 checkpointer=checkpoint.TrainingCheckpointer(tmp_path / "c"))
+                                 checkpointer=checkpointer)
+    assert checkpointer.latest_step() is None           # nothing saved from non-finite state
 
 
 def test_a_training_set_too_small_for_one_batch_is_a_clear_error():
@@ -202,4 +221,4 @@ def test_a_training_set_too_small_for_one_batch_is_a_clear_error():
 def test_macro_f1_by_hand():
     predictions, targets = np.array([0, 0, 1, 2, 2]), np.array([0, 1, 1, 2, 0])
     # class 0: tp 1 fp 1 fn 1 -> 0.5; class 1: tp 1 fp 0 fn 1 -> 2/3; class 2: tp 1 fp 1 fn 0 -> 2/3
-    assert train.macro_f1(predictions, targets, 3) == pytest.approx((0.5 + 2 / 3 + 2 / 3) / 3)
+    assert metrics.macro_f1(predictions, targets, 3) == pytest.approx((0.5 + 2 / 3 + 2 / 3) / 3)

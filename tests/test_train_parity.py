@@ -4,8 +4,8 @@ From the same weights, dropouts off, on the same fixed batches, fastai's real tr
 `TextLearner` with fastai's `Adam`, the AWD-LSTM splitter, discriminative learning rates through
 `slice`, weight decay, `GradientClip`, the one-cycle schedule with moms 0.8/0.7/0.8, AR/TAR from
 `RNNRegularizer`, the LM's hidden state carried across batches and reset by `ModelResetter` at
-each epoch) and 20 steps of `train.make_language_model_train_step` / `make_classifier_train_step` with
-`optim.make_optimizer` give the same loss at every step: the cross-entropy fastai reports
+each epoch) and 20 steps of `steps.make_train_step` (the `TrainState` step the training loop runs, with
+`optim.stage_optimizer`) give the same loss at every step: the cross-entropy fastai reports
 (`learn.loss`) and the regularised loss it differentiates (`learn.loss_grad`), within 1e-4
 relative. Trainable everything, and with frozen groups (`freeze()`, `freeze_to(-2)`). Trained
 parameters end equal to fastai's, frozen ones bit-identical on both sides. Gradual unfreezing too:
@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from fastai_reference import fastai_classifier, fastai_language_model, pad_input_chunk, state_dict_numpy, torch
-from ulmfit_jax import convert, encoder, losses, models, optim, train
+from ulmfit_jax import convert, encoder, losses, models, optim, steps
 from ulmfit_jax.config import awd_lstm_clas_config, awd_lstm_lm_config
 from ulmfit_jax.text.batches import fastai_layout_mask, pad_input_chunk as our_pad_input_chunk
 
@@ -163,16 +163,16 @@ def lm_regularized_loss(params, state, tokens, targets, key):
             + losses.temporal_activation_regularization(raw, BETA))
 
 
-def our_training(params, config, kind, freeze_to, clip, total_steps=TOTAL_STEPS):
-    """-> (labels, trainable groups, initial optimizer state, train step) for one of our stages."""
+def our_training(params, config, kind, freeze_to, clip, total_steps=TOTAL_STEPS, differentiated=None):
+    """-> (labels, trainable groups, initial optimizer state, train step) for one of our stages.
+    `differentiated`: the groups the step differentiates (None: all; the stage's: frozen ones skipped)."""
     labels = optim.layer_group_labels(params, kind)
     count = optim.n_groups(labels)
     trainable = trainable_groups(freeze_to, count)
-    optimizer = optim.make_optimizer(optimizer_config(count, clip), params, kind, total_steps, trainable)
-    opt_state = optimizer.init(optim.split_trainable(params, labels, trainable)[0])
-    make_steps = train.make_language_model_train_step if kind == "lm" else train.make_classifier_train_step
-    train_step = make_steps(config, optimizer, labels,
-                            regularization=train.RegularizationConfig(alpha=ALPHA, beta=BETA))
+    optimizer = optim.stage_optimizer(optimizer_config(count, clip), params, kind)
+    opt_state = optimizer.init(params, optim.stage_hyper(optimizer_config(count, clip), count, total_steps, trainable))
+    train_step = steps.make_train_step(kind, config, optimizer, params, differentiated=differentiated,
+                                       regularization=steps.RegularizationConfig(alpha=ALPHA, beta=BETA))
     return labels, trainable, opt_state, train_step
 
 
@@ -190,31 +190,36 @@ def test_language_model_training_equals_fastai_fit_one_cycle(freeze_to):
     fastai = fastai_fit(reference, awd_lstm_lm_split,
                         [(torch.tensor(x), torch.tensor(y)) for x, y in windows], freeze_to, LM_CLIP)
 
-    labels, trainable, opt_state, train_step = our_training(params, config, "lm", freeze_to, LM_CLIP)
-
-    ours, totals = [], []
-    initial = jax.tree.map(np.asarray, params)
-    for epoch in range(N_EPOCHS):
-        state = encoder.initial_state(config.encoder, LM_BATCH)      # ModelResetter.before_train
-        for i, (x, y) in enumerate(windows):
-            key = jax.random.PRNGKey(epoch * STEPS_PER_EPOCH + i)    # dropouts are 0: masks are all ones
-            tokens, targets = jnp.asarray(x, jnp.int32), jnp.asarray(y, jnp.int32)
-            totals.append(float(lm_regularized_loss(params, state, tokens, targets, key)))
-            params, opt_state, state, metrics = train_step(params, opt_state, state, tokens, targets, key, trainable)
-            ours.append(float(metrics["loss"]))
-
-    assert_losses_match(ours, totals, fastai, f"LM freeze_to={freeze_to}", LM_CLIP)
-    # frozen groups untouched on both sides, trained ones equal to fastai's
     _, trained_reference = convert.import_language_model(state_dict_numpy(reference), config)
-    for (path, ours_leaf), theirs, before, group in zip(
-            jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(trained_reference),
-            jax.tree.leaves(initial), jax.tree.leaves(labels)):
-        if group not in trainable:
-            np.testing.assert_array_equal(np.asarray(ours_leaf), before, err_msg=jax.tree_util.keystr(path))
-            np.testing.assert_array_equal(theirs, before, err_msg=jax.tree_util.keystr(path))
-        else:
-            np.testing.assert_allclose(np.asarray(ours_leaf), theirs, atol=2e-5, rtol=0,
-                                       err_msg=jax.tree_util.keystr(path))
+    initial = jax.tree.map(np.asarray, params)
+    count = optim.n_groups(optim.layer_group_labels(params, "lm"))
+    # one program for every stage (the backward pass through frozen groups too), and a stage's own
+    for differentiated in (None, trainable_groups(freeze_to, count)):
+        labels, trainable, opt_state, train_step = our_training(initial, config, "lm", freeze_to, LM_CLIP,
+                                                                differentiated=differentiated)
+        state = steps.init_state(jax.tree.map(jnp.array, initial), opt_state, None)
+        ours, totals = [], []
+        for epoch in range(N_EPOCHS):
+            state = state.replace(carry=encoder.initial_state(config.encoder, LM_BATCH))  # ModelResetter
+            for i, (x, y) in enumerate(windows):
+                key = jax.random.fold_in(state.key, state.step)       # dropouts are 0: masks are all ones
+                tokens, targets = jnp.asarray(x, jnp.int32), jnp.asarray(y, jnp.int32)
+                totals.append(float(lm_regularized_loss(state.params, state.carry, tokens, targets, key)))
+                state, metrics = train_step(state, {"inputs": tokens, "targets": targets})
+                ours.append(float(metrics["loss"]))
+
+        what = f"LM freeze_to={freeze_to}, differentiated={differentiated}"
+        assert_losses_match(ours, totals, fastai, what, LM_CLIP)
+        # frozen groups untouched on both sides, trained ones equal to fastai's
+        for (path, ours_leaf), theirs, before, group in zip(
+                jax.tree_util.tree_leaves_with_path(state.params), jax.tree.leaves(trained_reference),
+                jax.tree.leaves(initial), jax.tree.leaves(labels)):
+            if group not in trainable:
+                np.testing.assert_array_equal(np.asarray(ours_leaf), before, err_msg=jax.tree_util.keystr(path))
+                np.testing.assert_array_equal(theirs, before, err_msg=jax.tree_util.keystr(path))
+            else:
+                np.testing.assert_allclose(np.asarray(ours_leaf), theirs, atol=2e-5, rtol=0,
+                                           err_msg=jax.tree_util.keystr(path))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,14 +267,15 @@ def test_classifier_training_equals_fastai_fit_one_cycle(freeze_to):
 
     ours, totals = [], []
     initial = jax.tree.map(np.asarray, params)
+    state = steps.init_state(params, opt_state, batch_stats)
     for epoch in range(N_EPOCHS):
         for i, (x, y) in enumerate(batches):
-            key = jax.random.PRNGKey(epoch * STEPS_PER_EPOCH + i)
+            key = jax.random.fold_in(state.key, state.step)
             tokens, targets = jnp.asarray(x, jnp.int32), jnp.asarray(y, jnp.int32)
-            totals.append(float(classifier_regularized_loss(params, batch_stats, tokens, targets, key)))
-            params, batch_stats, opt_state, metrics = train_step(params, batch_stats, opt_state, tokens, targets,
-                                                                 key, trainable)
+            totals.append(float(classifier_regularized_loss(state.params, state.carry, tokens, targets, key)))
+            state, metrics = train_step(state, {"tokens": tokens, "labels": targets})
             ours.append(float(metrics["loss"]))
+    params, batch_stats = state.params, state.carry
 
     assert_losses_match(ours, totals, fastai, f"classifier freeze_to={freeze_to}", CLAS_CLIP)
     _, trained_reference, trained_stats = convert.import_classifier(state_dict_numpy(reference), config)
@@ -319,19 +325,21 @@ def test_classifier_on_wider_buckets_equals_fastai_on_its_own_padding():
                 + losses.temporal_activation_regularization(outputs, BETA, mask))
 
     def train(use_mask):
-        params, batch_stats = initial_params, initial_stats
-        _, trainable, opt_state, train_step = our_training(params, config, "classifier", None, CLAS_CLIP)
+        _, trainable, opt_state, train_step = our_training(initial_params, config, "classifier", None, CLAS_CLIP)
+        state = steps.init_state(jax.tree.map(jnp.array, (initial_params, initial_stats))[0], opt_state,
+                                 jax.tree.map(jnp.array, initial_stats))
         ours, totals = [], []
         for epoch in range(N_EPOCHS):
             for i, (x, y, mask) in enumerate(our_batches):
-                key = jax.random.PRNGKey(epoch * STEPS_PER_EPOCH + i)
+                key = jax.random.fold_in(state.key, state.step)
                 tokens, targets, mask = jnp.asarray(x, jnp.int32), jnp.asarray(y, jnp.int32), jnp.asarray(mask)
-                totals.append(float(masked_regularized_loss(params, batch_stats, tokens, targets, key, mask)))
-                params, batch_stats, opt_state, metrics = train_step(
-                    params, batch_stats, opt_state, tokens, targets, key, trainable,
-                    regularized_mask=mask if use_mask else None)
+                totals.append(float(masked_regularized_loss(state.params, state.carry, tokens, targets, key, mask)))
+                batch = {"tokens": tokens, "labels": targets}
+                if use_mask:
+                    batch["regularized_mask"] = mask
+                state, metrics = train_step(state, batch)
                 ours.append(float(metrics["loss"]))
-        return ours, totals, params
+        return ours, totals, state.params
 
     ours, totals, params = train(use_mask=True)
     assert_losses_match(ours, totals, fastai, "classifier on wider buckets", CLAS_CLIP)
@@ -347,8 +355,8 @@ def test_classifier_on_wider_buckets_equals_fastai_on_its_own_padding():
 
 def test_gradual_unfreezing_equals_fastai():
     """fastai's gradual unfreezing, `freeze_to(-1)`, `freeze_to(-2)`, `unfreeze()`, each followed by
-    `fit_one_cycle(1)` on one Learner, against three of our stages, each a fresh optimizer over its
-    trainable groups (`train.Stage`): equal because `Learner.freeze_to` clears the optimizer state
+    `fit_one_cycle(1)` on one Learner, against three of our stages, each a fresh optimizer state for its
+    trainable groups (`train.Stage`), all three through one compiled step: equal because `Learner.freeze_to` clears the optimizer state
     (Adam's moments and step count restart with each stage)."""
     config = CLAS_CONFIG
     stages = [(-1, 1), (-2, 1), (None, 1)]
@@ -358,21 +366,28 @@ def test_gradual_unfreezing_equals_fastai():
     fastai = fastai_fit(reference, awd_lstm_clas_split,
                         [(torch.tensor(x), torch.tensor(y)) for x, y in batches], None, CLAS_CLIP, stages=stages)
 
-    ours, totals, step = [], [], 0
+    # one train step (one program) for the three stages; each stage a fresh optimizer state
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, _seconds, **kw: compiles.append(kw.get("fun_name")) if event.endswith("backend_compile_duration")
+        and "train_step" in kw.get("fun_name", "") else None)
+    _, _, opt_state, train_step = our_training(params, config, "classifier", None, CLAS_CLIP)
+    state = steps.init_state(params, opt_state, batch_stats)
+    ours, totals = [], []
     for freeze_to, epochs in stages:
-        _, trainable, opt_state, train_step = our_training(params, config, "classifier", freeze_to, CLAS_CLIP,
-                                                           total_steps=epochs * STEPS_PER_EPOCH)
+        _, _, opt_state, _ = our_training(state.params, config, "classifier", freeze_to, CLAS_CLIP,
+                                          total_steps=epochs * STEPS_PER_EPOCH)
+        state = state.replace(opt_state=opt_state)
         for _ in range(epochs):
             for x, y in batches:
-                key = jax.random.PRNGKey(step)
+                key = jax.random.fold_in(state.key, state.step)
                 tokens, targets = jnp.asarray(x, jnp.int32), jnp.asarray(y, jnp.int32)
-                totals.append(float(classifier_regularized_loss(params, batch_stats, tokens, targets, key)))
-                params, batch_stats, opt_state, metrics = train_step(params, batch_stats, opt_state, tokens,
-                                                                     targets, key, trainable)
+                totals.append(float(classifier_regularized_loss(state.params, state.carry, tokens, targets, key)))
+                state, metrics = train_step(state, {"tokens": tokens, "labels": targets})
                 ours.append(float(metrics["loss"]))
-                step += 1
+    params = state.params
 
-    assert len(ours) == 3 * STEPS_PER_EPOCH
+    assert len(ours) == 3 * STEPS_PER_EPOCH and len(compiles) == 1, compiles
     assert_losses_match(ours, totals, fastai, "classifier, gradual unfreezing", CLAS_CLIP)
     # 30 steps with gradient norms up to ~17: float32 rounding reaches 3e-5 in a few weights
     _, trained_reference, _ = convert.import_classifier(state_dict_numpy(reference), config)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -103,21 +104,61 @@ def add_common_flags(parser: argparse.ArgumentParser, *, default_lr: float, defa
     parser.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
                         help="dtype of the matmuls (bfloat16 for TPU/GPU; float32 accumulation and state)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in --out")
-    parser.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() (multi-host)")
+    parser.add_argument("--log-every", type=int, default=50,
+                        help="read the losses back from the device every N steps (and at each epoch's end)")
+    parser.add_argument("--compile-per-stage", action="store_true",
+                        help="compile a train step per unfreezing stage, differentiating only its groups "
+                             "(long stages on large data); default: one step for every stage")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="start afresh: move the checkpoints and results already in --out to "
+                             "--out/previous/N (nothing is deleted)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="one process per host (jax.distributed); --bs is the global batch")
+    parser.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                        help="--distributed outside a cluster JAX detects by itself (TPU, SLURM, Open MPI)")
+    parser.add_argument("--num-processes", type=int, default=None)
+    parser.add_argument("--process-id", type=int, default=None)
     add_compilation_cache_flag(parser)
 
 
+# Flags that may change when a run is resumed: where and how it runs, not what it trains.
+RESUMABLE_FLAGS = ("out", "no_resume", "max_steps", "log_every", "compile_per_stage", "compilation_cache",
+                   "distributed", "coordinator_address", "num_processes", "process_id")
+
+
 def start(args) -> None:
-    """Set-up every script does first."""
+    """Set-up every training script does first: memory, compilation cache, processes, the run folder
+    (`--no-resume` moves an earlier run aside; a rerun with other settings is refused)."""
     keep_freed_memory()
     use_compilation_cache(args.compilation_cache)
+    if args.epochs < 1 or args.bs < 1 or args.bptt < 1 or args.lr <= 0 or args.log_every < 1:
+        raise SystemExit("error: --epochs, --bs, --bptt, --lr and --log-every must be positive")
+    cluster = (args.coordinator_address, args.num_processes, args.process_id)
+    if any(value is not None for value in cluster) and not args.distributed:
+        raise SystemExit("error: --coordinator-address, --num-processes and --process-id need --distributed")
+    from ulmfit_jax import parallel, runs
     if args.distributed:
-        from ulmfit_jax import parallel
-        parallel.initialize_distributed()
-    if args.epochs < 1 or args.bs < 1 or args.bptt < 1 or args.lr <= 0:
-        raise SystemExit("error: --epochs, --bs, --bptt and --lr must be positive")
-    args.out.mkdir(parents=True, exist_ok=True)
+        parallel.initialize_distributed(*cluster)
+    main = parallel.is_main_process()
+    settings = {k: v for k, v in vars(args).items() if k not in RESUMABLE_FLAGS}
+    if main:
+        args.out.mkdir(parents=True, exist_ok=True)
+        if args.no_resume:
+            moved = runs.move_aside(args.out)
+            if moved is not None:
+                print(f"--no-resume: the earlier run is in {moved}", file=sys.stderr, flush=True)
+    _barrier("run folder ready")
+    try:
+        runs.check_or_save_settings(args.out, settings, write=main)
+    except runs.SettingsMismatch as error:
+        raise SystemExit(f"error: {error}")
+
+
+def _barrier(name: str) -> None:
+    import jax
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
 
 
 def compute_dtype(args):
@@ -169,8 +210,14 @@ def label_smoothing(args) -> float:
     return 0.1 if args.preset == "multifit" else 0.0
 
 
+def _main_process() -> bool:
+    from ulmfit_jax import parallel
+    return parallel.is_main_process()
+
+
 class RunLog:
-    """Metrics as JSON lines in `out/metrics.jsonl` (and on stdout), PNG plots at the end."""
+    """Metrics as JSON lines in `out/metrics.jsonl` (and on stdout), PNG plots at the end; written by
+    process 0 alone in a multi-process run."""
 
     def __init__(self, out: Path, stage: str):
         self.path = out / "metrics.jsonl"
@@ -181,6 +228,8 @@ class RunLog:
     def __call__(self, record: dict) -> None:
         record = {"stage": self.stage, **record}
         self.records.append(record)
+        if not _main_process():
+            return
         line = json.dumps(record)
         with open(self.path, "a") as handle:
             handle.write(line + "\n")
@@ -188,7 +237,7 @@ class RunLog:
 
     def plot(self) -> Path | None:
         epochs = [r for r in self.records if "epoch" in r]
-        if not epochs:
+        if not epochs or not _main_process():
             return None
         import matplotlib
         matplotlib.use("Agg")
@@ -206,12 +255,10 @@ class RunLog:
 
 
 def finish(result: dict, throughput, started: float) -> None:
-    """The last stdout line of every training script: JSON of its final metrics."""
+    """The last stdout line of every training script (of every process): JSON of its final metrics."""
     result = dict(result, tokens_per_s=throughput.tokens_per_second, compile_seconds=throughput.compile_seconds,
                   seconds=time.time() - started)
     print(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in result.items()}), flush=True)
-
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,7 +328,7 @@ def fit_language_model_from_args(args, params, config, vocab, train_documents, v
         return train.fit_language_model(
             params, config, train_documents, valid_documents, stages, batch_size=args.bs, bptt=args.bptt,
             seed=args.seed, backwards=args.backwards, max_steps=args.max_steps, compute_dtype=compute_dtype(args),
-            checkpointer=checkpointer, log=log, progress=True,
+            checkpointer=checkpointer, log=log, progress=_main_process(), **loop_options(args),
             on_epoch_end=best_and_last(args.out, config, vocab, "valid_loss", lower_is_better=True))
 
     try:
@@ -290,16 +337,21 @@ def fit_language_model_from_args(args, params, config, vocab, train_documents, v
         raise SystemExit(f"error: {error}")
 
 
+def loop_options(args) -> dict:
+    """The training loop's keyword arguments that come from the common flags."""
+    return {"log_every": args.log_every, "share_compiles": not args.compile_per_stage}
+
+
 def best_and_last(out: Path, config, vocab, metric: str, lower_is_better: bool, *, classes=None):
-    """An `on_epoch_end` that keeps `out/last` and the best epoch by `metric` in `out/best`."""
-    import jax
-    import numpy as np
-    from ulmfit_jax import checkpoint
+    """An `on_epoch_end` that keeps `out/last` and the best epoch by `metric` in `out/best` (process 0)."""
+    from ulmfit_jax import checkpoint, parallel
     best = {"value": None}
 
     def on_epoch_end(record, params, carry):
-        host = jax.tree.map(np.asarray, params)
-        stats = jax.tree.map(np.asarray, carry) if classes is not None else None
+        if not _main_process():
+            return
+        host = parallel.to_host(params)
+        stats = parallel.to_host(carry) if classes is not None else None
         checkpoint.save_model(out / "last", config, host, vocab, batch_stats=stats, classes=classes)
         value = record.get(metric)
         if value is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ulmfit_jax import train
+from ulmfit_jax import predict
 
 
 def classifier_probabilities(model: dict, documents, *, backwards: bool = False, batch_size: int = 64) -> np.ndarray:
@@ -13,9 +13,9 @@ def classifier_probabilities(model: dict, documents, *, backwards: bool = False,
     `backwards` reverses every document, for a model trained with `--backwards`.
     """
     config = model["config"]
-    settings = train.classifier_batch_settings(config, batch_size, backwards)
-    return train.predict_classifier(train.classifier_predictor(config), model["params"], model["batch_stats"],
-                                    documents, settings)
+    settings = predict.classifier_batch_settings(config, batch_size, backwards)
+    return predict.predict_classifier(predict.classifier_predictor(config), model["params"], model["batch_stats"],
+                                      documents, settings)
 
 
 def ensemble_probabilities(forward: dict, backward: dict, documents, batch_size: int = 64) -> np.ndarray:

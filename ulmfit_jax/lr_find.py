@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ulmfit_jax import encoder, optim, train
+from ulmfit_jax import encoder, optim, predict, steps
 from ulmfit_jax.config import ClassifierConfig, LanguageModelConfig
 
 SUGGESTIONS = ("valley", "minimum", "steep")
@@ -78,12 +78,10 @@ class FinderRecord:
 # The finder loop
 
 
-def run_finder(step: Callable, carry, batches: Iterator, finder: FinderConfig, lr_at: Callable[[int], float],
-               seed: int = 0) -> FinderRecord:
-    """Run `step(carry, batch, key) -> (carry, loss)` once per batch with dropout keys
-    `fold_in(PRNGKey(seed), i)` until fastai's LRFinder would stop; `lr_at(i)` is the learning
-    rate of step i (recorded). The final carry is dropped."""
-    base_key = jax.random.PRNGKey(seed)
+def run_finder(step: Callable, carry, batches: Iterator, finder: FinderConfig,
+               lr_at: Callable[[int], float]) -> FinderRecord:
+    """Run `step(carry, batch) -> (carry, loss)` once per batch until fastai's LRFinder would stop;
+    `lr_at(i)` is the learning rate of step i (recorded). The final carry is dropped."""
     beta = np.float32(finder.beta)
     average = np.float32(0.0)
     best = math.inf
@@ -93,7 +91,7 @@ def run_finder(step: Callable, carry, batches: Iterator, finder: FinderConfig, l
         batch = next(batches, None)
         if batch is None:
             raise ValueError(f"the training data ran out after {i} batches")
-        carry, loss = step(carry, batch, jax.random.fold_in(base_key, i))
+        carry, loss = step(carry, batch)
         loss = np.float32(loss)
         average = loss + beta * (average - loss)                   # torch.lerp(loss, average, beta)
         value = np.float32(average / (1 - finder.beta ** (i + 1)))
@@ -118,25 +116,30 @@ def _strong_copy(tree):
     return jax.tree.map(lambda leaf: jnp.array(leaf, dtype=jnp.asarray(leaf).dtype), tree)
 
 
-def _finder_optimizer(params, kind: str, finder: FinderConfig, base: optim.OptimizerConfig, trainable):
-    """-> (optimizer with the exponential schedule, its initial state, labels, trainable, lr_at)."""
-    config = dataclasses.replace(base, schedule=optim.Exponential(finder.start_lr, finder.end_lr))
-    labels = optim.layer_group_labels(params, kind)
-    count = optim.n_groups(labels)
+def _finder(kind: str, config, params, carry, finder: FinderConfig, base: optim.OptimizerConfig, trainable,
+            regularization, seed: int):
+    """-> (train step, initial `steps.TrainState`, lr_at): the exponential schedule over the trained groups
+    (only those are differentiated)."""
+    opt_config = dataclasses.replace(base, schedule=optim.Exponential(finder.start_lr, finder.end_lr))
+    count = optim.n_groups(optim.layer_group_labels(params, kind))
     trainable = optim.unfreeze(count) if trainable is None else frozenset(trainable)
-    optimizer = optim.make_optimizer(config, params, kind, finder.steps, trainable)
-    last_group_lr = optim.learning_rate_schedules(config, count, finder.steps)[-1]
-    opt_state = optimizer.init(optim.split_trainable(params, labels, trainable, config.train_bn)[0])
-    return optimizer, opt_state, labels, trainable, lambda i: float(last_group_lr(i))
+    optimizer = optim.stage_optimizer(opt_config, params, kind)
+    hyper = optim.stage_hyper(opt_config, count, finder.steps, trainable)
+    train_step = steps.make_train_step(kind, config, optimizer, params, regularization=regularization,
+                                       differentiated=trainable, train_bn=base.train_bn)
+    params, carry = _strong_copy((params, carry))        # the train step donates its input buffers
+    state = steps.init_state(params, optimizer.init(params, hyper), carry, seed)
+    lr_at = optim.exponential(finder.start_lr, finder.end_lr, finder.steps)
+    return train_step, state, lambda i: float(lr_at(i))
 
 
 def find_language_model_lr(params, config: LanguageModelConfig, documents, *, batch_size: int = 64,
                            bptt: int = 70, finder: FinderConfig = FinderConfig(),
                            optimizer: optim.OptimizerConfig = optim.OptimizerConfig(),
                            trainable: frozenset[int] | None = None, backwards: bool = False, seed: int = 0,
-                           regularization: train.RegularizationConfig = train.RegularizationConfig()
+                           regularization: steps.RegularizationConfig = steps.RegularizationConfig()
                            ) -> FinderRecord:
-    """The LR finder over LM training steps (`train.make_language_model_train_step`).
+    """The LR finder over LM training steps (`steps.make_train_step`).
 
     documents: int32 token arrays, shuffled and concatenated each epoch (fastai's LMDataLoader)
     into batches int32[batch_size, bptt] (an epoch's short last window is skipped); the hidden
@@ -148,36 +151,32 @@ def find_language_model_lr(params, config: LanguageModelConfig, documents, *, ba
     n_tokens = sum(len(d) for d in documents)
     if n_tokens <= batch_size * bptt:   # so every epoch has a whole window
         raise ValueError(f"the training set has {n_tokens} tokens: too few for one batch of {batch_size} x {bptt}")
-    params = _strong_copy(params)       # the train step donates its input buffers
-    optimizer_fn, opt_state, labels, trainable, lr_at = _finder_optimizer(params, "lm", finder, optimizer, trainable)
-    train_step = train.make_language_model_train_step(config, optimizer_fn, labels, regularization=regularization,
-                                                    train_bn=optimizer.train_bn)
+    initial = lambda: encoder.initial_state(config.encoder, batch_size)     # a fresh one: steps donate theirs
+    train_step, state, lr_at = _finder("lm", config, params, initial(), finder, optimizer, trainable, regularization,
+                                       seed)
     settings = LMBatchSettings(batch_size=batch_size, seq_len=bptt, backwards=backwards)
-    initial = encoder.initial_state(config.encoder, batch_size)
 
     def batches():
         for epoch in itertools.count():
             new_epoch = True
             for batch in lm_epoch(documents, settings, np.random.default_rng([seed, epoch])):
                 if batch.length == bptt:
-                    yield new_epoch, batch.inputs, batch.targets
+                    yield new_epoch, steps.language_model_batch(batch)
                     new_epoch = False
 
-    def step(carry, batch, key):
-        params, opt_state, state = carry
-        new_epoch, inputs, targets = batch
-        params, opt_state, state, metrics = train_step(params, opt_state, initial if new_epoch else state,
-                                                       inputs, targets, key, trainable)
-        return (params, opt_state, state), metrics["loss"]
+    def step(state, batch):
+        new_epoch, batch = batch
+        state, metrics = train_step(state.replace(carry=initial()) if new_epoch else state, batch)
+        return state, metrics["loss"]
 
-    return run_finder(step, (params, opt_state, initial), batches(), finder, lr_at, seed)
+    return run_finder(step, state, batches(), finder, lr_at)
 
 
 def find_classifier_lr(params, batch_stats, config: ClassifierConfig, documents, labels, *, batch_size: int = 64,
                        finder: FinderConfig = FinderConfig(), optimizer: optim.OptimizerConfig = optim.OptimizerConfig(),
                        trainable: frozenset[int] | None = None, backwards: bool = False, seed: int = 0,
-                       regularization: train.RegularizationConfig = train.RegularizationConfig()) -> FinderRecord:
-    """The LR finder over classifier training steps (`train.make_classifier_train_step`).
+                       regularization: steps.RegularizationConfig = steps.RegularizationConfig()) -> FinderRecord:
+    """The LR finder over classifier training steps (`steps.make_train_step`).
 
     documents: int32 token arrays, labels int[N]; batches as `train.fit_classifier` draws them
     (fastai's SortedDL order, int32[batch_size, S] with S bucketed to multiples of config.bptt).
@@ -188,27 +187,21 @@ def find_classifier_lr(params, batch_stats, config: ClassifierConfig, documents,
         raise ValueError(f"the training set has {len(documents)} documents: fewer than one batch of {batch_size}")
     if labels is None or len(labels) != len(documents):
         raise ValueError("the classifier LR finder needs one label per training document")
-    params, batch_stats = _strong_copy((params, batch_stats))   # the train step donates its input buffers
-    optimizer_fn, opt_state, group_labels, trainable, lr_at = _finder_optimizer(params, "classifier", finder,
-                                                                                optimizer, trainable)
-    train_step = train.make_classifier_train_step(config, optimizer_fn, group_labels, regularization=regularization,
-                                                train_bn=optimizer.train_bn)
-    settings = train.classifier_batch_settings(config, batch_size, backwards)
+    train_step, state, lr_at = _finder("classifier", config, params, batch_stats, finder, optimizer, trainable,
+                                       regularization, seed)
+    settings = predict.classifier_batch_settings(config, batch_size, backwards)
 
     def batches():
         for epoch in itertools.count():
             rng = np.random.RandomState([seed, epoch])
             for batch in classifier_batches(documents, labels, settings, train=True, rng=rng):
-                yield batch.tokens, batch.labels, batch.fastai_mask
+                yield steps.classifier_batch(batch)
 
-    def step(carry, batch, key):
-        params, batch_stats, opt_state = carry
-        tokens, targets, fastai_mask = batch
-        params, batch_stats, opt_state, metrics = train_step(params, batch_stats, opt_state, tokens, targets, key,
-                                                             trainable, regularized_mask=fastai_mask)
-        return (params, batch_stats, opt_state), metrics["loss"]
+    def step(state, batch):
+        state, metrics = train_step(state, batch)
+        return state, metrics["loss"]
 
-    return run_finder(step, (params, batch_stats, opt_state), batches(), finder, lr_at, seed)
+    return run_finder(step, state, batches(), finder, lr_at)
 
 
 # ----------------------------------------------------------------------------------------------

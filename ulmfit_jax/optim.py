@@ -288,15 +288,16 @@ def combined_cosine(pct_start: float, start: float, middle: float, end: float,
     if total_steps < 1 or not 0.0 <= pct_start <= 1.0:
         raise ValueError(f"need total_steps >= 1 and pct_start in [0, 1], got {total_steps}, "
                          f"{pct_start}")
+    return lambda step: _combined_cosine(step, total_steps, pct_start, start, middle, end)
+
+
+def _combined_cosine(step, total_steps, pct_start, start, middle, end):
+    """`combined_cosine`'s value at `step`; `total_steps` may be traced (a stage length known at run time)."""
+    t = jnp.asarray(step, jnp.float32)
     warm_steps = total_steps * pct_start
-
-    def schedule(step):
-        t = jnp.asarray(step, jnp.float32)
-        warm = _cosine_between(start, middle, t, warm_steps - t)
-        anneal = _cosine_between(middle, end, t - warm_steps, total_steps - t)
-        return jnp.where(t < warm_steps, warm, anneal)
-
-    return schedule
+    warm = _cosine_between(start, middle, t, warm_steps - t)
+    anneal = _cosine_between(middle, end, t - warm_steps, total_steps - t)
+    return jnp.where(t < warm_steps, warm, anneal)
 
 
 def stlr(peak_lr: float, total_steps: int, cut_frac: float = 0.1, ratio: float = 32.0) -> Schedule:
@@ -317,16 +318,17 @@ def stlr(peak_lr: float, total_steps: int, cut_frac: float = 0.1, ratio: float =
         raise ValueError(f"need total_steps >= 1, 0 < cut_frac < 1, ratio >= 1; got "
                          f"{total_steps}, {cut_frac}, {ratio}")
     cut = max(math.floor(total_steps * cut_frac), 1)
+    return lambda step: _stlr(step, peak_lr, cut, cut_frac, ratio)
+
+
+def _stlr(step, peak_lr, cut, cut_frac: float, ratio: float):
+    """`stlr`'s value at `step`; `peak_lr` and `cut` may be traced (a stage known at run time)."""
+    t = jnp.asarray(step, jnp.float32)
     decay_length = cut * (1 / cut_frac - 1)
-
-    def schedule(step):
-        t = jnp.asarray(step, jnp.float32)
-        # 1 - (t - cut) / D written as (D - (t - cut)) / D: no cancellation in float32 near p = 0
-        p = jnp.where(t < cut, t / cut, (decay_length - (t - cut)) / decay_length)
-        p = jnp.clip(p, 0.0, 1.0)
-        return peak_lr * (1 + p * (ratio - 1)) / ratio
-
-    return schedule
+    # 1 - (t - cut) / D written as (D - (t - cut)) / D: no cancellation in float32 near p = 0
+    p = jnp.where(t < cut, t / cut, (decay_length - (t - cut)) / decay_length)
+    p = jnp.clip(p, 0.0, 1.0)
+    return peak_lr * (1 + p * (ratio - 1)) / ratio
 
 
 def exponential(start: float, end: float, total_steps: int) -> Schedule:
@@ -554,3 +556,126 @@ def make_optimizer(config: OptimizerConfig, params: PyTree, kind: str, total_ste
     if config.clip_norm is None:
         return adam
     return optax.chain(clip_gradient_norm(config.clip_norm), adam)
+
+
+# --------------------------------------------------------------------------- stages at run time
+
+
+class StageHyper(NamedTuple):
+    """What changes from one training stage to the next, as arrays, so that one compiled train step
+    serves every stage of a run: `trainable` bool[G] (the trained layer groups), `learning_rate`
+    f32[G] (each group's peak rate: `OptimizerConfig.learning_rate` spread by `group_values`),
+    `total_steps` int32[] (the stage's length, which the schedule spans)."""
+    trainable: jax.Array
+    learning_rate: jax.Array
+    total_steps: jax.Array
+
+
+class StageState(NamedTuple):
+    """A stage optimizer's state: the stage's `hyper` and the Adam state of every parameter (frozen
+    ones included, so the tree is the same in every stage)."""
+    hyper: StageHyper
+    adam: PyTree
+
+
+class StageOptimizer(NamedTuple):
+    """`init(params, hyper) -> StageState`; `update(grads, state, params) -> (new_params, state)`.
+
+    Built by `stage_optimizer`; `stage_hyper` makes a stage's `hyper`."""
+    init: Callable[[PyTree, StageHyper], StageState]
+    update: Callable[[PyTree, StageState, PyTree], tuple[PyTree, StageState]]
+
+
+def stage_hyper(config: OptimizerConfig, count: int, total_steps: int,
+                trainable: frozenset[int] | None = None) -> StageHyper:
+    """The run-time part of one stage for `stage_optimizer`: `config.learning_rate` per group, the
+    trained groups (default all) and the stage's length."""
+    import numpy as np
+    trainable = unfreeze(count) if trainable is None else frozenset(trainable)
+    if not trainable <= unfreeze(count):
+        raise ValueError(f"trainable groups {sorted(trainable)} outside the {count} groups")
+    if total_steps < 1:
+        raise ValueError(f"a stage needs at least one step, got {total_steps}")
+    return StageHyper(np.array([g in trainable for g in range(count)]),
+                      np.asarray(group_values(config.learning_rate, count), np.float32),
+                      np.asarray(total_steps, np.int32))
+
+
+def stage_optimizer(config: OptimizerConfig, params: PyTree, kind: str) -> StageOptimizer:
+    """`make_optimizer` with the stage's trained groups, learning rates and length read from the
+    state (`StageHyper`) instead of fixed in the program: every stage of a run (gradual unfreezing,
+    chain-thaw) runs the same compiled train step. `config.learning_rate` is not used (it is the
+    hyper's); the rest of `config` is fixed.
+
+    The same arithmetic as `make_optimizer` on the trained leaves: fastai's Adam per group (through
+    `optax.partition`), its schedule at the group's peak rate, clipping over the trained gradients.
+    Frozen leaves get a zero gradient (their moments stay zero) and `update` returns them
+    unchanged, bit for bit; batch-norm leaves train in frozen groups when `config.train_bn`. A new
+    stage starts from `init` (fastai's `freeze_to` clears the optimizer state). The price of one
+    program for all stages: the backward pass runs through frozen groups too (differentiate only
+    the groups that can train with `make_train_step(differentiated=...)`).
+    """
+    if isinstance(config.schedule, Exponential) and not (
+            isinstance(config.schedule.start, (int, float)) and isinstance(config.schedule.end, (int, float))):
+        raise ValueError("a stage optimizer's exponential schedule takes one start and one end rate")
+    labels = layer_group_labels(params, kind)
+    count = n_groups(labels)
+    group_of = jax.tree.leaves(labels)
+    norm_leaf = [_path_names(path)[-1] in NORM_LEAF_NAMES for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+    decays = jax.tree.leaves(weight_decay_mask(params))
+    weight_decays = group_values(config.weight_decay, count)
+    optimizer_labels = jax.tree.unflatten(jax.tree.structure(params), [
+        f"group_{g}" if d else f"group_{g}_no_weight_decay" for g, d in zip(group_of, decays)])
+    schedule = config.schedule
+
+    def adam(learning_rates, beta1) -> optax.GradientTransformation:
+        """fastai's Adam per optimizer label; learning_rates f32[G] at this step, beta1 f32[]."""
+        transforms = {}
+        for g, d in zip(group_of, decays):
+            label = f"group_{g}" if d else f"group_{g}_no_weight_decay"
+            if label not in transforms:
+                transforms[label] = fastai_adam(learning_rates[g], beta1, config.beta2, config.eps,
+                                                weight_decays[g] if d else 0.0, config.decouple_weight_decay)
+        return optax.partition(transforms, optimizer_labels)
+
+    def rates_at(t, hyper):
+        """(learning rate per group f32[G], beta1) at the stage's update t."""
+        total, peak = hyper.total_steps, hyper.learning_rate
+        if isinstance(schedule, OneCycle):
+            rates = _combined_cosine(t, total, schedule.pct_start, peak / schedule.div, peak,
+                                     peak / schedule.div_final)
+            beta1 = (_combined_cosine(t, total, schedule.pct_start, *schedule.moms) if schedule.moms is not None
+                     else jnp.float32(config.beta1))
+            return rates, beta1
+        if isinstance(schedule, SlantedTriangular):
+            cut = jnp.maximum(jnp.floor(total * schedule.cut_frac), 1).astype(jnp.float32)
+            return _stlr(t, peak, cut, schedule.cut_frac, schedule.ratio), jnp.float32(config.beta1)
+        if isinstance(schedule, Exponential):
+            rate = jnp.exp(math.log(schedule.start) + jnp.asarray(t, jnp.float32) / total
+                           * math.log(schedule.end / schedule.start))
+            return jnp.broadcast_to(rate, peak.shape), jnp.float32(config.beta1)
+        return peak, jnp.float32(config.beta1)
+
+    def trained_leaves(hyper):
+        return [hyper.trainable[g] | (config.train_bn and is_norm) for g, is_norm in zip(group_of, norm_leaf)]
+
+    def init(params, hyper):
+        zeros = jnp.zeros(count, jnp.float32)
+        return StageState(hyper, adam(zeros, jnp.float32(0.0)).init(params))
+
+    def update(grads, state, params):
+        structure = jax.tree.structure(params)
+        trained = trained_leaves(state.hyper)
+        grads = jax.tree.unflatten(structure, [jnp.where(m, g, jnp.zeros_like(g)) for m, g in
+                                               zip(trained, jax.tree.leaves(grads))])
+        if config.clip_norm is not None:
+            grads, _ = clip_gradient_norm(config.clip_norm).update(grads, optax.EmptyState())
+        # every group's Adam counts the stage's updates alike: read t from the first
+        t = jax.tree.leaves(state.adam, is_leaf=lambda x: isinstance(x, FastaiAdamState))[0].count
+        rates, beta1 = rates_at(t, state.hyper)
+        updates, adam_state = adam(rates, beta1).update(grads, state.adam, params)
+        new_params = jax.tree.unflatten(structure, [
+            jnp.where(m, p + u, p) for m, p, u in zip(trained, jax.tree.leaves(params), jax.tree.leaves(updates))])
+        return new_params, StageState(state.hyper, adam_state)
+
+    return StageOptimizer(init, update)

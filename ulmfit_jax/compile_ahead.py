@@ -1,0 +1,97 @@
+"""Compiling ahead: jitted functions compiled for known argument shapes in a background thread,
+while the main thread trains on what is already compiled.
+
+A fit knows every program it will run before its first step: one train step (every stage shares
+it) for each batch shape, and the evaluation forward pass for each. `Compiler.submit` queues them;
+`Compiler.call(fn, *args)` runs the executable for those arguments' shapes, waiting for its
+compile if it is in flight and compiling it in the caller's thread if it was never submitted (a
+submitted compile not yet started is taken over, never compiled twice). Compile time is counted
+(`compile_seconds`, the sum of every compile's duration) apart from the time the caller waited
+(`wait_seconds`).
+
+Tracing happens in the worker thread, so thread-local JAX settings (`jax.default_matmul_precision`
+as a context manager) do not reach it; set them globally (`jax.config.update`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+import warnings
+
+import jax
+
+
+def signature(args) -> tuple:
+    """What selects an executable: the tree structure and every leaf's shape and dtype (shardings are
+    the loop's business: an executable refuses arguments placed otherwise than it was compiled for)."""
+    leaves, structure = jax.tree.flatten(args)
+    return structure, tuple((tuple(leaf.shape), str(leaf.dtype)) for leaf in leaves)
+
+
+def spec(tree):
+    """Every leaf as a `jax.ShapeDtypeStruct` with its sharding (arrays or specs)."""
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                                          sharding=getattr(leaf, "sharding", None)), tree)
+
+
+class Compiler:
+    """Executables of jitted functions by argument signature, compiled ahead in one background thread."""
+
+    def __init__(self, background: bool = True):
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile-ahead") \
+            if background else None
+        self._futures: dict = {}
+        self._compiled: dict = {}
+        self._lock = threading.Lock()
+        self.compile_seconds = 0.0
+        self.wait_seconds = 0.0
+        self.count = 0
+
+    def _compile(self, fn, args):
+        start = time.perf_counter()
+        compiled = fn.lower(*args).compile()
+        with self._lock:
+            self.compile_seconds += time.perf_counter() - start
+            self.count += 1
+        return compiled
+
+    def submit(self, fn, *args) -> None:
+        """Queue `fn`'s compile for `args` (arrays or `spec`s); a no-op when known or without a thread."""
+        key = (fn, signature(args))
+        if self._executor is None or key in self._futures or key in self._compiled:
+            return
+        self._futures[key] = self._executor.submit(self._compile, fn, spec(args))
+
+    def executable(self, fn, *args):
+        key = (fn, signature(args))
+        compiled = self._compiled.get(key)
+        if compiled is not None:
+            return compiled
+        start = time.perf_counter()
+        future = self._futures.pop(key, None)
+        if future is not None and not future.cancel():
+            try:
+                compiled = future.result()
+            except Exception as error:      # the real error, if any, comes from compiling here
+                warnings.warn(f"compiling ahead failed ({error!r}); compiling in the training loop")
+        if compiled is None:
+            compiled = self._compile(fn, args)
+        self.wait_seconds += time.perf_counter() - start
+        self._compiled[key] = compiled
+        return compiled
+
+    def call(self, fn, *args):
+        """`fn(*args)` through its executable for these arguments' signature."""
+        return self.executable(fn, *args)(*args)
+
+    def close(self, cancel: bool = False) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=cancel)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        self.close(cancel=exc_type is not None)

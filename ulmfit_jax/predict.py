@@ -1,0 +1,62 @@
+"""Classifier inference: batches of documents -> class probabilities, in the documents' order.
+
+Inference imports no training code. Batches are laid out as in training
+(`classifier_batch_settings`: windows of the config's bptt, lengths bucketed to few shapes), so the
+compiled forward pass is shared across calls of the same shapes.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from ulmfit_jax import models
+from ulmfit_jax.config import ClassifierConfig
+
+
+def classifier_predictor(config: ClassifierConfig, compute_dtype=None):
+    """-> predict(params, batch_stats, tokens int32[B, S]) -> probabilities f32[B, C], eval mode."""
+
+    @jax.jit
+    def predict(params, batch_stats, tokens):
+        logits, _, _ = models.classifier_apply(params, batch_stats, tokens, config=config,
+                                               compute_dtype=compute_dtype)
+        return jax.nn.softmax(logits, axis=-1)
+
+    return predict
+
+def classifier_batch_settings(config: ClassifierConfig, batch_size: int, backwards: bool = False,
+                              lengths: tuple[int, ...] | None = None):
+    """Batches for `config`: windows of its bptt, lengths bucketed to multiples of bptt (few shapes),
+    or of 8 for batches shorter than one window; `lengths`: the padded lengths batches may take
+    (`text.batches.merged_bucket_lengths`).
+
+    Multiples of bptt keep fastai's last-state index (`masked_concat_pool`) on the last real token;
+    within one window there is no front padding, so any length does."""
+    from ulmfit_jax.text.batches import ClassifierBatchSettings
+    return ClassifierBatchSettings(batch_size=batch_size, seq_len=config.bptt, max_len=None,
+                                   bucket_multiple=config.bptt, short_bucket_multiple=min(8, config.bptt),
+                                   backwards=backwards, lengths=lengths)
+
+def predict_classifier(predict, params, batch_stats, documents, settings, place=None) -> np.ndarray:
+    """Class probabilities f32[N, C] in the documents' order. `place(tokens)` puts a batch on the
+    devices (default: as it is)."""
+    from ulmfit_jax.text.batches import classifier_batches
+    probabilities = None
+    outputs = []
+    for batch in classifier_batches(documents, None, settings, train=False):
+        tokens = batch.tokens if place is None else place(batch.tokens)
+        outputs.append((batch, predict(params, batch_stats, tokens)))       # dispatched, not yet read
+    for batch, out in outputs:
+        out = np.asarray(jax.device_get(out) if place is None else _gather(out))
+        if probabilities is None:
+            probabilities = np.zeros((len(documents), out.shape[1]), np.float32)
+        probabilities[batch.indices[batch.row_mask]] = out[batch.row_mask]
+    return probabilities
+
+def _gather(array):
+    """A global array's value on every process (multi-process runs shard the batch across hosts)."""
+    if array.is_fully_addressable:
+        return jax.device_get(array)
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(array, tiled=True)
