@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ulmfit_jax import checkpoint, convert, models, optim, train  # noqa: E402
+from ulmfit_jax import checkpoint, convert, metrics, models, optim, predict, train  # noqa: E402
 from ulmfit_jax.cli import add_compilation_cache_flag, keep_freed_memory, use_compilation_cache  # noqa: E402
 from ulmfit_jax.config import awd_lstm_clas_config, awd_lstm_lm_config  # noqa: E402
 from ulmfit_jax.text.datasets import read_jsonl_prefix, read_trec  # noqa: E402
@@ -144,8 +144,7 @@ def finetune_plan(recipe: Recipe, vocab_size: int):
     """Stage 2's model and stages: (LM config, [train.Stage])."""
     lm_config = awd_lstm_lm_config(vocab_size, drop_mult=recipe.finetune_drop_mult, **recipe.sizes)
     adam = lambda lr: optim.OptimizerConfig(learning_rate=lr, weight_decay=recipe.weight_decay)
-    return lm_config, [train.Stage(1, adam(recipe.finetune_frozen_lr), optim.freeze(recipe.n_layers + 1),
-                                   quick_compile=True),
+    return lm_config, [train.Stage(1, adam(recipe.finetune_frozen_lr), optim.freeze(recipe.n_layers + 1)),
                        train.Stage(recipe.finetune_epochs, adam(recipe.finetune_lr))]
 
 
@@ -157,26 +156,12 @@ def classifier_plan(recipe: Recipe, vocab_size: int, n_classes: int, from_scratc
     count = recipe.n_layers + 2
     stages = [train.Stage(epochs, optim.OptimizerConfig(learning_rate=optim.Slice(lr / recipe.lr_factor ** 4, lr),
                                                         weight_decay=recipe.weight_decay),
-                          None if freeze_to is None else optim.freeze_to(freeze_to, count),
-                          quick_compile=epochs == 1)
+                          None if freeze_to is None else optim.freeze_to(freeze_to, count))
               for epochs, lr, freeze_to in recipe.classifier_stages(from_scratch)]
     return clas_config, stages
 
 
-def compile_ahead(ahead, recipe: Recipe, clas_config, clas_stages, trec_ids, vocab_size: int, from_scratch: bool):
-    """Submit stages 2 and 3's train steps (their shapes are known before stage 1 starts), to compile
-    in the background while stage 1 pretrains."""
-    if not from_scratch:
-        lm_config, lm_stages = finetune_plan(recipe, vocab_size)
-        train.compile_language_model_ahead(
-            ahead, jax.eval_shape(lambda: models.init_language_model(jax.random.PRNGKey(0), lm_config)), lm_config,
-            sum(map(len, trec_ids)), lm_stages, batch_size=recipe.finetune_bs, bptt=recipe.bptt)
-    params, batch_stats = jax.eval_shape(lambda: models.init_classifier(jax.random.PRNGKey(0), clas_config))
-    train.compile_classifier_ahead(ahead, params, batch_stats, clas_config, trec_ids, clas_stages,
-                                   batch_size=recipe.classifier_bs)
-
-
-def pretrain_and_finetune(recipe: Recipe, wiki_texts, trec_ids, trec_vocab, seed: int, out: Path, ahead=None):
+def pretrain_and_finetune(recipe: Recipe, wiki_texts, trec_ids, trec_vocab, seed: int, out: Path):
     """Stages 1 and 2 -> the fine-tuned encoder's parameters."""
     wiki = tokenize_corpus(wiki_texts, progress=False)
     wiki_vocab = make_vocab(wiki.counts(), min_freq=recipe.wiki_min_freq, max_vocab=recipe.max_vocab)
@@ -198,7 +183,7 @@ def pretrain_and_finetune(recipe: Recipe, wiki_texts, trec_ids, trec_vocab, seed
     lm_config, stages = finetune_plan(recipe, len(trec_vocab))
     params, _, _ = train.fit_language_model(params, lm_config, trec_ids, None, stages,
                                             batch_size=recipe.finetune_bs, bptt=recipe.bptt, seed=seed,
-                                            log=log_line("finetune"), progress=True, ahead=ahead)
+                                            log=log_line("finetune"), progress=True)
     params = jax.tree.map(np.asarray, params)
     checkpoint.save_model(out / "finetuned_lm", lm_config, params, trec_vocab)
     return params["encoder"]
@@ -237,29 +222,25 @@ def main(argv=None):
     test_labels = np.array([classes.index(c) for c in trec.splits["test"].labels])
 
     clas_config, stages = classifier_plan(recipe, len(trec_vocab), len(classes), args.from_scratch)
-    with train.CompileAhead() as ahead:
-        compile_ahead(ahead, recipe, clas_config, stages, trec_ids, len(trec_vocab), args.from_scratch)
-        encoder_params = None
-        if not args.from_scratch:
-            wiki_texts = read_jsonl_prefix(args.data_dir / "enwiki/AA.jsonl.gz", recipe.wiki_words)
-            encoder_params = pretrain_and_finetune(recipe, wiki_texts, trec_ids, trec_vocab, args.seed, args.out,
-                                                   ahead)
+    encoder_params = None
+    if not args.from_scratch:
+        wiki_texts = read_jsonl_prefix(args.data_dir / "enwiki/AA.jsonl.gz", recipe.wiki_words)
+        encoder_params = pretrain_and_finetune(recipe, wiki_texts, trec_ids, trec_vocab, args.seed, args.out)
 
-        # Stage 3: the classifier, gradual unfreezing with discriminative learning rates
-        params, batch_stats = models.init_classifier(jax.random.PRNGKey(args.seed + 1), clas_config)
-        if encoder_params is not None:
-            params["encoder"] = encoder_params
-        params, batch_stats, _, _ = train.fit_classifier(params, batch_stats, clas_config, trec_ids, train_labels,
-                                                         None, None, stages, batch_size=recipe.classifier_bs,
-                                                         seed=args.seed, log=log_line("classifier"), progress=True,
-                                                         ahead=ahead)
-    probabilities = train.predict_classifier(train.classifier_predictor(clas_config), params, batch_stats,
-                                             test_ids, train.classifier_batch_settings(clas_config,
-                                                                                       recipe.classifier_bs))
-    metrics = train.classification_metrics(probabilities, test_labels)
+    # Stage 3: the classifier, gradual unfreezing with discriminative learning rates
+    params, batch_stats = models.init_classifier(jax.random.PRNGKey(args.seed + 1), clas_config)
+    if encoder_params is not None:
+        params["encoder"] = encoder_params
+    params, batch_stats, _, _ = train.fit_classifier(params, batch_stats, clas_config, trec_ids, train_labels,
+                                                     None, None, stages, batch_size=recipe.classifier_bs,
+                                                     seed=args.seed, log=log_line("classifier"), progress=True)
+    settings, _ = train.classifier_layout(clas_config, trec_ids, recipe.classifier_bs)
+    probabilities = predict.predict_classifier(predict.classifier_predictor(clas_config), params, batch_stats,
+                                               test_ids, settings)
+    scores = metrics.classification_metrics(probabilities, test_labels)
     checkpoint.save_model(args.out / "classifier", clas_config, jax.tree.map(np.asarray, params), trec_vocab,
                           batch_stats=jax.tree.map(np.asarray, batch_stats), classes=classes)
-    print(json.dumps({"dataset": "trec6", "test_accuracy": metrics["accuracy"], "test_macro_f1": metrics["macro_f1"],
+    print(json.dumps({"dataset": "trec6", "test_accuracy": scores["accuracy"], "test_macro_f1": scores["macro_f1"],
                       "pretrained": not args.from_scratch, "seed": args.seed,
                       "seconds": round(time.time() - start, 1)}))
 

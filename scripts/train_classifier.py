@@ -74,12 +74,15 @@ def main(argv=None):
     log = cli.RunLog(args.out, "classifier")
     regularization = train.RegularizationConfig(label_smoothing=cli.label_smoothing(args))
 
+    test = data.splits.get("test")
+    test_documents = test.documents if test is not None and test.labels is not None else []
+
     def fit(checkpointer):
         return train.fit_classifier(
             params, batch_stats, config, train_docs, train_labels, valid_docs, valid_labels, stages,
             batch_size=args.bs, seed=args.seed, backwards=args.backwards, regularization=regularization,
             max_steps=args.max_steps, compute_dtype=cli.compute_dtype(args), checkpointer=checkpointer, log=log,
-            progress=parallel.is_main_process(), **cli.loop_options(args),
+            progress=parallel.is_main_process(), **cli.loop_options(args), predict_documents=test_documents,
             on_epoch_end=cli.best_and_last(args.out, config, data.vocab, "valid_accuracy", lower_is_better=False,
                                            classes=data.classes))
 
@@ -91,13 +94,13 @@ def main(argv=None):
     if history:
         result.update({k: history[-1].get(k) for k in ("epoch", "step", "train_loss", "valid_loss", "valid_accuracy",
                                                        "valid_macro_f1")})
-    if "test" in data.splits and data.splits["test"].labels is not None:
+    if test_documents:
         # the training batches' shapes, so that the test set reuses the validation's compiled programs
         settings, _ = train.classifier_layout(config, train_docs, args.bs, args.backwards)
         probabilities = predict.predict_classifier(predict.classifier_predictor(config),
                                                    *parallel.local_copy((final_params, final_stats)),
-                                                   data.splits["test"].documents, settings)
-        scores = metrics.classification_metrics(probabilities, np.asarray(data.splits["test"].labels))
+                                                   test_documents, settings)
+        scores = metrics.classification_metrics(probabilities, np.asarray(test.labels))
         result.update({f"test_{k}": v for k, v in scores.items()})
     cli.finish(result, throughput, started)
 

@@ -109,6 +109,9 @@ def add_common_flags(parser: argparse.ArgumentParser, *, default_lr: float, defa
     parser.add_argument("--compile-per-stage", action="store_true",
                         help="compile a train step per unfreezing stage, differentiating only its groups "
                              "(long stages on large data); default: one step for every stage")
+    parser.add_argument("--quick-compile", choices=("auto", "on", "off"), default="auto",
+                        help="compile the train step for compile time rather than run time (CPU); auto: for "
+                             "runs of at most 2000 steps")
     parser.add_argument("--no-resume", action="store_true",
                         help="start afresh: move the checkpoints and results already in --out to "
                              "--out/previous/N (nothing is deleted)")
@@ -122,7 +125,8 @@ def add_common_flags(parser: argparse.ArgumentParser, *, default_lr: float, defa
 
 
 # Flags that may change when a run is resumed: where and how it runs, not what it trains.
-RESUMABLE_FLAGS = ("out", "no_resume", "max_steps", "log_every", "compile_per_stage", "compilation_cache",
+RESUMABLE_FLAGS = ("out", "no_resume", "max_steps", "log_every", "compile_per_stage", "quick_compile",
+                   "compilation_cache",
                    "distributed", "coordinator_address", "num_processes", "process_id")
 
 
@@ -339,7 +343,8 @@ def fit_language_model_from_args(args, params, config, vocab, train_documents, v
 
 def loop_options(args) -> dict:
     """The training loop's keyword arguments that come from the common flags."""
-    return {"log_every": args.log_every, "share_compiles": not args.compile_per_stage}
+    return {"log_every": args.log_every, "share_compiles": not args.compile_per_stage,
+            "quick_compile": {"auto": None, "on": True, "off": False}[args.quick_compile]}
 
 
 def best_and_last(out: Path, config, vocab, metric: str, lower_is_better: bool, *, classes=None):

@@ -2,7 +2,8 @@
 while the main thread trains on what is already compiled.
 
 A fit knows every program it will run before its first step: one train step (every stage shares
-it) for each batch shape, and the evaluation forward pass for each. `Compiler.submit` queues them;
+it) for each batch shape, and the evaluation forward pass for each. `Compiler.submit` queues them (which
+also fills `jax.jit`'s own cache, so a plain call of `fn` with such arguments compiles nothing);
 `Compiler.call(fn, *args)` runs the executable for those arguments' shapes, waiting for its
 compile if it is in flight and compiling it in the caller's thread if it was never submitted (a
 submitted compile not yet started is taken over, never compiled twice). Compile time is counted
@@ -31,9 +32,11 @@ def signature(args) -> tuple:
 
 
 def spec(tree):
-    """Every leaf as a `jax.ShapeDtypeStruct` with its sharding (arrays or specs)."""
-    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
-                                                          sharding=getattr(leaf, "sharding", None)), tree)
+    """Every `jax.Array` leaf as a `jax.ShapeDtypeStruct` with its sharding (its buffer may be donated
+    before the compile starts); host arrays and specs as they are, so that the compile is the one a
+    call with such arguments would make."""
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+                        if isinstance(leaf, jax.Array) else leaf, tree)
 
 
 class Compiler:

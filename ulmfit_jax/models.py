@@ -7,12 +7,16 @@ statistics in a second tree.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 
 from ulmfit_jax import dropout, encoder, heads
 from ulmfit_jax.config import ClassifierConfig, LanguageModelConfig
 
 
+# Initialisers are jitted: one compile for the whole tree instead of one per leaf shape and op.
+@functools.partial(jax.jit, static_argnames="config")
 def init_language_model(key: jax.Array, config: LanguageModelConfig) -> dict:
     encoder_key, decoder_key = jax.random.split(key)
     return {"encoder": encoder.init_encoder(encoder_key, config.encoder),
@@ -46,6 +50,7 @@ def language_model_apply(params: dict, tokens: jax.Array, state: list, *, config
     return heads.lm_logits(params, dropped, config, compute_dtype), new_state, (raw, dropped)
 
 
+@functools.partial(jax.jit, static_argnames="config")
 def init_classifier(key: jax.Array, config: ClassifierConfig) -> tuple[dict, list]:
     """Returns (params, batch_stats)."""
     encoder_key, head_key = jax.random.split(key)

@@ -659,6 +659,7 @@ def stage_optimizer(config: OptimizerConfig, params: PyTree, kind: str) -> Stage
     def trained_leaves(hyper):
         return [hyper.trainable[g] | (config.train_bn and is_norm) for g, is_norm in zip(group_of, norm_leaf)]
 
+    @jax.jit                     # one compile for the whole tree, not one per leaf shape
     def init(params, hyper):
         zeros = jnp.zeros(count, jnp.float32)
         return StageState(hyper, adam(zeros, jnp.float32(0.0)).init(params))

@@ -72,12 +72,9 @@ def shard_batch(tree, mesh):
 
 def local_copy(tree):
     """A replicated tree as arrays on this process's first device (no host copy): what evaluation and
-    saving read, in every process alike."""
-    def local(leaf):
-        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-            return leaf.addressable_data(0)
-        return leaf
-    return jax.tree.map(local, tree)
+    saving read, in every process alike. Always one device, so that evaluation programs compiled
+    ahead match later calls whatever sharding the train step gave its outputs."""
+    return jax.tree.map(lambda leaf: leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf, tree)
 
 
 def to_host(tree):

@@ -7,6 +7,8 @@ compiled forward pass is shared across calls of the same shapes.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 
@@ -15,8 +17,13 @@ from ulmfit_jax.config import ClassifierConfig
 
 
 def classifier_predictor(config: ClassifierConfig, compute_dtype=None):
-    """-> predict(params, batch_stats, tokens int32[B, S]) -> probabilities f32[B, C], eval mode."""
+    """-> predict(params, batch_stats, tokens int32[B, S]) -> probabilities f32[B, C], eval mode. One
+    jitted function per (config, compute_dtype), so that every caller shares its compiled programs."""
+    return _predictor(config, compute_dtype)
 
+
+@functools.lru_cache(maxsize=8)
+def _predictor(config: ClassifierConfig, compute_dtype):
     @jax.jit
     def predict(params, batch_stats, tokens):
         logits, _, _ = models.classifier_apply(params, batch_stats, tokens, config=config,

@@ -85,6 +85,12 @@ class _Signals:
             signal.signal(sig, handler)
 
 
+# XLA:CPU options that trade run time for compile time: optimisation level 1 and the classic fusion
+# emitters about halve a train step's compile and make its steps some 8% slower, a good trade
+# for a run of a few hundred steps (a small data set's fine-tuning), a bad one for pretraining.
+QUICK_COMPILE_CPU_OPTIONS = (("xla_backend_optimization_level", 1), ("xla_cpu_use_fusion_emitters", False))
+QUICK_COMPILE_MAX_STEPS = 2000
+
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _compile_seconds = [0.0]
 
@@ -111,15 +117,17 @@ def _all_finite(tree) -> jax.Array:
 def run_stages(kind: str, config, state: steps.TrainState, stages, steps_per_epoch: int, *, epoch_batches,
                batch_specs, reset_carry, evaluate, mesh, regularization=RegularizationConfig(),
                compute_dtype=None, share_compiles: bool = True, checkpointer=None, max_steps=None, log=None,
-               on_epoch_end=None, progress: bool = False, log_every: int = 50, compiler: Compiler | None = None,
-               ahead=()):
+               on_epoch_end=None, progress: bool = False, log_every: int = 50, quick_compile: bool | None = None,
+               compiler: Compiler | None = None, ahead=()):
     """The loop both fits share. -> (state, history: per-epoch records, throughput).
 
     `epoch_batches(epoch)` yields (batch on the mesh, tokens in it), deterministic in (seed, epoch);
     `batch_specs`: a spec of every batch shape it can yield (compiled ahead); `reset_carry(state)`
     does what an epoch resets (the LM's hidden state); `evaluate(params, carry)` -> validation
     metrics. `share_compiles`: one train step for every stage (the backward pass runs through
-    frozen groups); False: each stage's own, differentiating only its groups. `compiler`: where the
+    frozen groups); False: each stage's own, differentiating only its groups. `quick_compile`: compile
+    the train step for compile time rather than run time (`QUICK_COMPILE_CPU_OPTIONS`, CPU only);
+    None: when the run is short (at most `QUICK_COMPILE_MAX_STEPS` steps). `compiler`: where the
     train steps compile (and `evaluate` may call its programs); `ahead`: `(fn, *args)` of further
     programs to compile in the background after the train steps (the evaluation's).
     """
@@ -132,6 +140,9 @@ def run_stages(kind: str, config, state: steps.TrainState, stages, steps_per_epo
         total_steps = min(total_steps, max_steps)
     trainables = [optim.unfreeze(count) if s.trainable is None else frozenset(s.trainable) for s in stages]
     params_like = jax.eval_shape(lambda p: p, state.params)
+    if quick_compile is None:
+        quick_compile = total_steps <= QUICK_COMPILE_MAX_STEPS
+    compiler_options = dict(QUICK_COMPILE_CPU_OPTIONS) if quick_compile and jax.default_backend() == "cpu" else None
     built = {}
 
     def stage_step(index):
@@ -142,7 +153,7 @@ def run_stages(kind: str, config, state: steps.TrainState, stages, steps_per_epo
             optimizer = optim.stage_optimizer(fixed, params_like, kind)
             built[fixed, differentiated] = optimizer, steps.make_train_step(
                 kind, config, optimizer, params_like, regularization=regularization, compute_dtype=compute_dtype,
-                differentiated=differentiated, train_bn=fixed.train_bn)
+                differentiated=differentiated, train_bn=fixed.train_bn, compiler_options=compiler_options)
         return built[fixed, differentiated]
 
     def stage_state(index, state):
@@ -266,7 +277,8 @@ def fit_language_model(params, config: LanguageModelConfig, train_documents, val
                        batch_size: int = 64, bptt: int = 70, seed: int = 0, backwards: bool = False,
                        regularization: RegularizationConfig = RegularizationConfig(), max_steps: int | None = None,
                        compute_dtype=None, mesh=None, checkpointer=None, log=None, on_epoch_end=None,
-                       progress: bool = False, log_every: int = 50, share_compiles: bool = True):
+                       progress: bool = False, log_every: int = 50, share_compiles: bool = True,
+                       quick_compile: bool | None = None):
     """Train an LM over `stages`; validation loss / perplexity / accuracy after every epoch.
 
     train_documents, valid_documents: lists of int32 token arrays (documents are shuffled each
@@ -303,7 +315,7 @@ def fit_language_model(params, config: LanguageModelConfig, train_documents, val
         batch_specs=[{"inputs": windows, "targets": windows}], reset_carry=lambda s: s.replace(carry=initial_carry()),
         evaluate=evaluate, mesh=mesh, regularization=regularization, compute_dtype=compute_dtype,
         share_compiles=share_compiles, checkpointer=checkpointer, max_steps=max_steps, log=log,
-        on_epoch_end=on_epoch_end, progress=progress, log_every=log_every)
+        on_epoch_end=on_epoch_end, progress=progress, log_every=log_every, quick_compile=quick_compile)
     return state.params, history, throughput
 
 
@@ -326,8 +338,13 @@ def fit_classifier(params, batch_stats, config: ClassifierConfig, train_document
                    valid_documents, valid_labels, stages, *, batch_size: int = 64, seed: int = 0,
                    backwards: bool = False, regularization: RegularizationConfig = RegularizationConfig(),
                    max_steps: int | None = None, compute_dtype=None, mesh=None, checkpointer=None, log=None,
-                   on_epoch_end=None, progress: bool = False, log_every: int = 50, share_compiles: bool = True):
+                   on_epoch_end=None, progress: bool = False, log_every: int = 50, share_compiles: bool = True,
+                   quick_compile: bool | None = None, predict_documents=()):
     """Train the classifier over `stages` (gradual unfreezing: one stage per trainable set).
+
+    `predict_documents`: documents the caller will predict afterwards (`predict.predict_classifier`
+    with `classifier_layout`'s settings, e.g. a test set): their forward passes compile in the
+    background during training, as the validation's do.
 
     Returns (params, batch_stats, history, throughput).
     """
@@ -347,6 +364,7 @@ def fit_classifier(params, batch_stats, config: ClassifierConfig, train_document
         if valid_documents is None:
             return {}
         local = parallel.local_copy((params, batch_stats))
+        # through the executables compiled ahead (a plain call then finds them in jax.jit's cache too)
         probabilities = predict.predict_classifier(functools.partial(compiler.call, predictor), *local,
                                                    valid_documents, settings)
         return {f"valid_{k}": v for k, v in metrics.classification_metrics(probabilities, valid_labels).items()}
@@ -358,14 +376,13 @@ def fit_classifier(params, batch_stats, config: ClassifierConfig, train_document
 
     state = parallel.replicate(steps.init_state(params, None, batch_stats, seed), mesh)
     evaluation_programs = []
-    if valid_documents is not None:
-        local = parallel.local_copy((state.params, state.carry))
-        for length in sorted({padded_length(len(d), settings) for d in valid_documents}):
-            evaluation_programs.append((predictor, *local, np.zeros((batch_size, length), np.int32)))
+    local = parallel.local_copy((state.params, state.carry))
+    for length in sorted({padded_length(len(d), settings) for d in [*(valid_documents or ()), *predict_documents]}):
+        evaluation_programs.append((predictor, *local, np.zeros((batch_size, length), np.int32)))
     state, history, throughput = run_stages(
         "classifier", config, state, stages, steps_per_epoch, epoch_batches=epoch_batches,
         batch_specs=[batch_spec(n) for n in settings.lengths], reset_carry=lambda s: s, evaluate=evaluate,
         mesh=mesh, regularization=regularization, compute_dtype=compute_dtype, share_compiles=share_compiles,
         checkpointer=checkpointer, max_steps=max_steps, log=log, on_epoch_end=on_epoch_end, progress=progress,
-        log_every=log_every, compiler=compiler, ahead=evaluation_programs)
+        log_every=log_every, quick_compile=quick_compile, compiler=compiler, ahead=evaluation_programs)
     return state.params, state.carry, history, throughput
