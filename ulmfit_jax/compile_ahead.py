@@ -60,15 +60,17 @@ class Compiler:
             self.count += 1
         return compiled
 
-    def submit(self, fn, *args) -> None:
-        """Queue `fn`'s compile for `args` (arrays or `spec`s); a no-op when known or without a thread."""
-        key = (fn, signature(args))
+    def submit(self, fn, *args, key=None) -> None:
+        """Queue `fn`'s compile for `args` (arrays or `spec`s); a no-op when known or without a thread.
+        `key`: what tells these arguments' signature apart from the others `fn` is called with (default
+        `signature(args)`; a loop whose state keeps its shapes passes the batch's shapes, cheaper)."""
+        key = (fn, signature(args) if key is None else key)
         if self._executor is None or key in self._futures or key in self._compiled:
             return
         self._futures[key] = self._executor.submit(self._compile, fn, spec(args))
 
-    def executable(self, fn, *args):
-        key = (fn, signature(args))
+    def executable(self, fn, *args, key=None):
+        key = (fn, signature(args) if key is None else key)
         compiled = self._compiled.get(key)
         if compiled is not None:
             return compiled
@@ -85,9 +87,9 @@ class Compiler:
         self._compiled[key] = compiled
         return compiled
 
-    def call(self, fn, *args):
-        """`fn(*args)` through its executable for these arguments' signature."""
-        return self.executable(fn, *args)(*args)
+    def call(self, fn, *args, key=None):
+        """`fn(*args)` through its executable for these arguments' signature (`key` as for `submit`)."""
+        return self.executable(fn, *args, key=key)(*args)
 
     def close(self, cancel: bool = False) -> None:
         if self._executor is not None:

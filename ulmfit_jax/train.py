@@ -179,7 +179,7 @@ def run_stages(kind: str, config, state: steps.TrainState, stages, steps_per_epo
     for index in sorted({stage_of_epoch[e] for e in range(step // steps_per_epoch, len(stage_of_epoch))},
                         key=lambda i: (i != stage_at(step), i)):
         for spec in batch_specs:
-            compiler.submit(stage_step(index)[1], state, spec)
+            compiler.submit(stage_step(index)[1], state, spec, key=_shapes(spec))
     for fn, *args in ahead:
         compiler.submit(fn, *args)
     history, throughput, losses = [], metrics.Throughput(), metrics.LossBuffer()
@@ -226,7 +226,7 @@ def run_stages(kind: str, config, state: steps.TrainState, stages, steps_per_epo
                     continue
                 if batch_index >= steps_per_epoch or step >= total_steps:
                     break
-                state, step_metrics = compiler.call(train_step, state, batch)
+                state, step_metrics = compiler.call(train_step, state, batch, key=_shapes(batch))
                 losses.add(step, step_metrics["loss"])
                 window_tokens += n_tokens
                 step += 1
@@ -251,6 +251,11 @@ def run_stages(kind: str, config, state: steps.TrainState, stages, steps_per_epo
             clock, waited = time.perf_counter(), compiler.wait_seconds   # evaluation and saving are not training
     throughput.compile_seconds = compile_seconds() - compiled_before
     return state, history, throughput
+
+
+def _shapes(batch: dict) -> tuple:
+    """A batch's shapes: within a run they alone select the train step's executable."""
+    return tuple((name, value.shape) for name, value in batch.items())
 
 
 def _checkpoint_tree(state: steps.TrainState) -> dict:
