@@ -55,15 +55,18 @@ class Interrupted(Exception):
 
 class _Signals:
     """SIGINT / SIGTERM turned into a flag the loop checks between steps (never mid-step). With several
-    processes, JAX's preemption service agrees on the step at which all of them stop
-    (`multihost_utils.reached_preemption_sync_point`), so that every process saves the same step."""
+    processes, JAX's preemption service (started by `jax.distributed.initialize`, which takes SIGTERM
+    itself) agrees on the step at which all of them stop (`multihost_utils.reached_preemption_sync_point`),
+    so that every process saves the same step; no handler of ours is installed then."""
 
     def __init__(self):
         self.received = None
+        self._previous = {}
 
     def __enter__(self):
         import signal
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        if jax.process_count() == 1:
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def _handle(self, signum, _frame):
@@ -72,10 +75,10 @@ class _Signals:
     def stop_at(self, step: int) -> bool:
         if jax.process_count() == 1:
             return self.received is not None
-        from jax.experimental import multihost_utils
         import signal
+        from jax.experimental import multihost_utils
         if multihost_utils.reached_preemption_sync_point(step):
-            self.received = self.received or signal.SIGTERM
+            self.received = signal.SIGTERM
             return True
         return False
 
