@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from common import cpu_model  # noqa: E402  (benchmarks/ is on sys.path)
+from common import cpu_model, versions  # noqa: E402  (benchmarks/ is on sys.path)
 
 
 # ----------------------------------------------------------------------------------------- fastai
@@ -188,12 +188,6 @@ def recipe_flags(args) -> list[str]:
             for item in ("--" + name.replace("_", "-"), str(value))]
 
 
-def versions() -> str:
-    import importlib.metadata as metadata
-    names = ["jax", "jaxlib", "optax", "flax", "torch", "fastai", "spacy"]
-    return ", ".join(f"{n} {metadata.version(n)}" for n in names)
-
-
 def summarize(results: list[dict], seeds) -> str:
     rows = ["| seed | variant | fastai acc | ulmfit_jax acc | fastai wall (s) | ulmfit_jax wall (s) | ratio |",
             "|---|---|---|---|---|---|---|"]
@@ -279,7 +273,8 @@ def main(argv=None):
                 print(json.dumps({k: result[k] for k in ("side", "seed", "pretrained", "test_accuracy",
                                                          "seconds", "wall_seconds")}), flush=True)
     table, summary = summarize(results, args.seeds)
-    print(f"\n{cpu_model()}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}, {versions()}")
+    print(f"\n{cpu_model()}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}, "
+          f"{', '.join(f'{name} {version}' for name, version in versions().items())}")
     print(f"recipe: scripts/demo.py Recipe{' with ' + str(args.recipe_overrides) if args.recipe_overrides else ''}\n")
     print(table)
     print(json.dumps({"benchmark": "trec_recipe", "recipe_overrides": args.recipe_overrides, **summary}))

@@ -1,9 +1,12 @@
-"""What the benchmarks share: the machine they ran on, statistics, and ulmfit_jax's side of an LM
-train-step comparison (one jitted step: train-mode dropouts, cross-entropy + AR + TAR, Adam)."""
+"""What the benchmarks share: the machine they ran on, package versions, timed script runs,
+statistics, and ulmfit_jax's side of an LM train-step comparison (one jitted step: train-mode
+dropouts, cross-entropy + AR + TAR, Adam)."""
 
+import os
 import platform
 import statistics
 import time
+from typing import NamedTuple
 
 LR, BETAS, EPS = 1e-3, (0.9, 0.99), 1e-5    # Adam, the same on both sides of a comparison
 ALPHA, BETA = 2.0, 1.0                      # AR / TAR, as fastai's RNNRegularizer
@@ -25,6 +28,68 @@ def load_average() -> str:
         return " ".join(open("/proc/loadavg").read().split()[:3])
     except OSError:
         return "n/a"
+
+
+def versions(names=("jax", "jaxlib", "optax", "flax", "torch", "fastai", "spacy")) -> dict[str, str]:
+    """{distribution: installed version} of the packages a comparison depends on."""
+    import importlib.metadata as metadata
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def machine() -> dict:
+    """The CPU, the cores this process may use and the load average, for a benchmark's record."""
+    return {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "load_average": load_average(),
+            "python": platform.python_version()}
+
+
+def git_state(root) -> dict:
+    """The commit a benchmark ran at and the tracked files that differed from it (a run in a
+    checkout others are changing should say so)."""
+    import subprocess
+    def git(*args):
+        result = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
+        return result.stdout.strip() if result.returncode == 0 else None
+    changed = git("diff", "--name-only", "HEAD")
+    return {"commit": git("rev-parse", "--short", "HEAD"), "modified": changed.splitlines() if changed else []}
+
+
+class Timed(NamedTuple):
+    wall: float           # seconds from start to exit
+    cpu: float            # user + system CPU seconds of the process and its children
+    result: dict          # its last stdout line, as JSON
+
+
+def timed_run(command, log_path=None, env=None) -> Timed:
+    """Run `command` in a fresh process and time it from outside. The CPU time beside the wall time
+    tells a slow machine (other processes on the cores) from slow work. stdout and stderr go to
+    `log_path` when given; a failure raises with stderr's tail."""
+    import json
+    import resource
+    import subprocess
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    completed = subprocess.run([str(c) for c in command], capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    if log_path is not None:
+        with open(log_path, "w") as handle:
+            handle.write(f"$ {' '.join(map(str, command))}\n{completed.stdout}\n--- stderr ---\n{completed.stderr}")
+    if completed.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, command))} failed ({completed.returncode}):\n"
+                           f"{completed.stderr[-4000:]}")
+    lines = completed.stdout.strip().splitlines()
+    try:
+        return Timed(wall, cpu, json.loads(lines[-1]))
+    except (IndexError, json.JSONDecodeError):
+        raise RuntimeError(f"{' '.join(map(str, command))}: the last stdout line is not JSON: "
+                           f"{lines[-1:] or '(no output)'}") from None
 
 
 def interquartile_range(values) -> float:
