@@ -64,6 +64,13 @@ def main(argv=None):
         if encoder_vocab != data.vocab:
             raise SystemExit(f"error: the encoder's vocabulary ({len(encoder_vocab)} tokens) is not the data's "
                              f"({len(data.vocab)}): prepare the data with --vocab {args.encoder}/vocab.json")
+        given = {"--emb-sz": (args.emb_sz, encoder_config.emb_size), "--n-hid": (args.n_hid, encoder_config.n_hidden),
+                 "--n-layers": (args.n_layers, encoder_config.n_layers), "--arch": (args.arch, encoder_config.arch)}
+        differing = [f"{flag} {value} (the encoder's: {actual})" for flag, (value, actual) in given.items()
+                     if value is not None and value != actual]
+        if differing:
+            raise SystemExit(f"error: the encoder's architecture is fixed by {args.encoder}; drop or correct "
+                             + ", ".join(differing))
         config = type(config)(**{**config.__dict__, "encoder": type(encoder_config)(**{
             **encoder_config.__dict__, **{k: getattr(config.encoder, k) for k in (
                 "hidden_p", "input_p", "embed_p", "weight_p")}})})
