@@ -11,7 +11,7 @@ The recurrence, for x_t: f32[B, D] and state (h, c): f32[B, H],
     i, f, o = sigmoid(gates_t[i, f, o]);  g = tanh(gates_t[g])
     c_t = f * c_{t-1} + i * g;            h_t = o * tanh(c_t)
 
-Speed (DESIGN.md): the input projection for all time steps is one matmul outside the scan, so the
+Speed: the input projection for all time steps is one matmul outside the scan, so the
 scan body holds only `h @ W_hh^T`. The custom VJP saves the activated gates and cells; its reverse
 loop computes only `d_gates @ W_hh`, and `dW_hh` is one contraction over all time steps afterwards
 (autodiff through `scan` would accumulate it with one small matmul per step). Inside both loops the

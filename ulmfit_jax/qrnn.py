@@ -33,7 +33,7 @@ Two forget-mult implementations with equal outputs and gradients:
 - `forget_mult_scan`: `lax.scan` over time with a custom VJP whose backward pass is the reverse
   recurrence `dc_t = dcells_t + (1 - f_{t+1}) dc_{t+1}`, then `dz_t = f_t dc_t`,
   `df_t = (z_t - c_{t-1}) dc_t`, `dc_{-1} = (1 - f_0) dc_0` (elementwise, no matmuls). Default: on
-  CPU it beat the associative scan 2-8x (DESIGN.md).
+  CPU it is faster than the associative scan (benchmarks/bench_qrnn.py).
 - `forget_mult_associative`: `lax.associative_scan` of the affine maps `c -> a_t c + b_t`,
   `a_t = 1 - f_t`, `b_t = f_t z_t`, composed as `(a1, b1) then (a2, b2) = (a1 a2, a2 b1 + b2)`;
   O(log T) depth for long sequences on accelerators. Differentiated by JAX's autodiff.
