@@ -248,12 +248,6 @@ def test_an_unreadable_newest_checkpoint_is_skipped_for_the_one_before(unreadabl
     assert '"resumed_from_step": 9' in rerun.stdout
 
 
-# Fails: after falling back to step 9, the loop reaches step 18 again and orbax refuses to save it
-# ("Checkpoint for step 18 already exists.", CheckpointManager.save's StepAlreadyExistsError, a
-# ValueError the script turns into "error: ..."): the unreadable step is never replaced or moved
-# aside, so every rerun fails at the same step.
-@pytest.mark.xfail(strict=True, reason="library bug: a rerun that skipped an unreadable checkpoint fails to "
-                                       "save that step again")
 def test_after_an_unreadable_newest_checkpoint_the_rerun_finishes_equal(shared, unreadable_newest):
     out, rerun = unreadable_newest
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -281,19 +275,11 @@ def test_stopped_mid_epoch_the_rerun_trains_as_the_uninterrupted_run(shared, sto
     assert {k: resumed[k] for k in keys} == {k: shared["expected"][k] for k in keys}
 
 
-# Fails: the final JSON's (and the epoch record's) train_loss is the mean of the steps run since the
-# resume (31..36), not of the epoch's (27..36): `epoch_losses` starts empty in the rerun.
-@pytest.mark.xfail(strict=True, reason="library bug: train_loss of an epoch resumed mid-way counts only the "
-                                       "steps after the resume")
 def test_stopped_mid_epoch_the_rerun_reports_the_epochs_train_loss(shared, stopped_mid_epoch):
     _, resumed = stopped_mid_epoch
     assert resumed["train_loss"] == shared["expected"]["train_loss"]
 
 
-# Fails: cli.best_and_last keeps the best value so far in memory only; a rerun starts with none, so the
-# first epoch it finishes overwrites out/best, even when an epoch before the interruption was better
-# (finetune_lm.py saves its out/encoder from out/best).
-@pytest.mark.xfail(strict=True, reason="library bug: out/best forgets the epochs before a resume")
 def test_stopped_mid_epoch_the_best_model_is_the_uninterrupted_runs(shared, stopped_mid_epoch):
     out, _ = stopped_mid_epoch
     accuracies = [r["valid_accuracy"] for r in epoch_records(shared["reference"])]

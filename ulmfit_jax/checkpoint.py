@@ -132,7 +132,8 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def _write_json(path: Path, data) -> None:
+def write_json(path: Path, data) -> None:
+    """JSON written atomically (a temporary file renamed)."""
     _atomic_write(path, lambda handle: handle.write(json.dumps(data, indent=1).encode()))
 
 
@@ -145,10 +146,10 @@ def save_model(directory, config, params, vocab: list[str], *, batch_stats=None,
     if batch_stats is not None:
         flat.update({f"batch_stats/{k}": v for k, v in flatten_tree(batch_stats).items()})
     _atomic_write(directory / "params.npz", lambda handle: np.savez(handle, **flat))
-    _write_json(directory / "vocab.json", list(vocab))
+    write_json(directory / "vocab.json", list(vocab))
     if classes is not None:
-        _write_json(directory / "classes.json", list(classes))
-    _write_json(directory / "config.json", config_to_dict(config))
+        write_json(directory / "classes.json", list(classes))
+    write_json(directory / "config.json", config_to_dict(config))
 
 
 def load_model(directory) -> dict:
@@ -251,10 +252,34 @@ class TrainingCheckpointer:
                           flush=True)
         _same_step_on_every_process(None if found is None else found[0], self.directory)
         if found is not None:
+            self._move_aside_newer_than(found[0])
             return found
         if errors:
             raise RuntimeError("no readable checkpoint in " + str(self.directory) + ":\n" + "\n".join(errors))
         return None, None
+
+
+    def _move_aside_newer_than(self, step: int) -> None:
+        """The unreadable steps newer than the one restored go to `<directory>.unreadable/<step>`
+        (kept, not deleted): orbax would refuse to save those steps again when the run gets there."""
+        import jax
+        newer = [s for s in self.manager.all_steps() if s > step]
+        if not newer:
+            return
+        if jax.process_index() == 0:
+            aside = self.directory.with_name(self.directory.name + ".unreadable")
+            aside.mkdir(exist_ok=True)
+            for bad in newer:
+                target = aside / str(bad)
+                suffix = 1
+                while target.exists():
+                    target, suffix = aside / f"{bad}.{suffix}", suffix + 1
+                os.rename(self.directory / str(bad), target)
+                print(f"warning: moved the unreadable checkpoint step {bad} to {target}", flush=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("unreadable checkpoints moved aside")
+        self.manager.reload()
 
 
 def _same_step_on_every_process(step: int | None, directory: Path) -> None:

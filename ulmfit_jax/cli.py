@@ -348,9 +348,12 @@ def loop_options(args) -> dict:
 
 
 def best_and_last(out: Path, config, vocab, metric: str, lower_is_better: bool, *, classes=None):
-    """An `on_epoch_end` that keeps `out/last` and the best epoch by `metric` in `out/best` (process 0)."""
+    """An `on_epoch_end` that keeps `out/last` and the best epoch by `metric` in `out/best` (process 0).
+    The best epoch's record goes with it (`out/best/record.json`), so that a resumed run compares
+    with the epochs before it too."""
     from ulmfit_jax import checkpoint, parallel
-    best = {"value": None}
+    record_file = out / "best" / "record.json"
+    best = {"value": json.loads(record_file.read_text()).get(metric) if record_file.is_file() else None}
 
     def on_epoch_end(record, params, carry):
         if not _main_process():
@@ -364,4 +367,5 @@ def best_and_last(out: Path, config, vocab, metric: str, lower_is_better: bool, 
         if best["value"] is None or (value < best["value"] if lower_is_better else value > best["value"]):
             best["value"] = value
             checkpoint.save_model(out / "best", config, host, vocab, batch_stats=stats, classes=classes)
+            checkpoint.write_json(record_file, record)
     return on_epoch_end

@@ -13,7 +13,7 @@ run `run_stages`, which drives `steps.TrainState` through `train_step(state, bat
   and the epoch), so a checkpoint is the `TrainState` alone, of one structure in every stage:
   rerunning resumes from the newest, at a stage boundary or between any two steps, and equals the
   run that was not stopped. A checkpoint is written after every epoch and on SIGINT / SIGTERM
-  (every process at the same step in a multi-process run), never from non-finite parameters.
+  (several processes: on SIGTERM, every process at the same step), never from non-finite parameters.
 - Several processes: the mesh spans every device of every process; each feeds its own rows of
   each global batch (`parallel.shard_batch`); evaluation runs on every process's local copy of the
   parameters; logging (`log`, `on_epoch_end`, the progress bar) is the caller's to restrict to
@@ -169,12 +169,14 @@ def run_stages(kind: str, config, state: steps.TrainState, stages, steps_per_epo
     def stage_at(step):
         return stage_of_epoch[min(step // steps_per_epoch, len(stage_of_epoch) - 1)]
 
-    step = 0
+    step, epoch_losses = 0, []        # the current epoch's losses so far, as floats
     state = stage_state(0, state)
     if checkpointer is not None:
-        saved_step, restored = checkpointer.restore(lambda saved: _checkpoint_tree(stage_state(stage_at(saved), state)))
+        saved_step, restored = checkpointer.restore(lambda saved: _checkpoint_tree(
+            stage_state(stage_at(saved), state), [0.0] * (saved % steps_per_epoch)))
         if restored is not None:
             step = saved_step
+            epoch_losses = [float(v) for v in restored.pop("epoch_losses")[:step % steps_per_epoch]]
             state = steps.TrainState(**restored)
             _log(log, {"resumed_from_step": step})
 
@@ -193,11 +195,11 @@ def run_stages(kind: str, config, state: steps.TrainState, stages, steps_per_epo
             return
         if not bool(_all_finite((state.params, state.opt_state))):
             raise FloatingPointError(f"the parameters are not finite after step {step}; no checkpoint written")
-        checkpointer.save(step, _checkpoint_tree(state))
+        checkpointer.save(step, _checkpoint_tree(state, epoch_losses))
 
     from tqdm.auto import tqdm
     bar = tqdm(total=total_steps, initial=step, unit="step", disable=not progress, leave=False, dynamic_ncols=True)
-    epoch_losses, window_tokens = [], 0
+    window_tokens = 0
     clock, waited = time.perf_counter(), compiler.wait_seconds
 
     def read():
@@ -223,7 +225,7 @@ def run_stages(kind: str, config, state: steps.TrainState, stages, steps_per_epo
                 state = stage_state(index, state)
             if batch_in_epoch == 0:
                 state = reset_carry(state)
-            epoch_losses.clear()
+                epoch_losses.clear()
             for batch_index, (batch, n_tokens) in enumerate(epoch_batches(epoch)):
                 if batch_index < batch_in_epoch:
                     continue
@@ -261,8 +263,11 @@ def _shapes(batch: dict) -> tuple:
     return tuple((name, value.shape) for name, value in batch.items())
 
 
-def _checkpoint_tree(state: steps.TrainState) -> dict:
-    return {field.name: getattr(state, field.name) for field in dataclasses.fields(state)}
+def _checkpoint_tree(state: steps.TrainState, epoch_losses) -> dict:
+    """What a checkpoint holds: the state, and the losses of the epoch so far (its `train_loss` after a
+    resume covers the whole epoch); float32[max(1, n)], as the device computed them."""
+    return {**{field.name: getattr(state, field.name) for field in dataclasses.fields(state)},
+            "epoch_losses": np.asarray(epoch_losses or [0.0], np.float32)}
 
 
 def _log(log, record):
