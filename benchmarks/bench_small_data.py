@@ -31,9 +31,12 @@ has 4 (a smoke test, not the recipe).
 Cold caches: every run of ours gets a fresh, empty `--compilation-cache` folder (shared by its two
 scripts). `--warm` reruns ours right after each cold run with that folder kept, for the wall time
 a user sees on a rerun. Each script run is timed from outside, process start to exit. The sides
-alternate which goes first with the seed. Results are appended to OUT/results.jsonl as they come
-and runs already there are not repeated (so `--sides fastai` reruns one side, and an interrupted
-benchmark resumes); OUT/results.json and OUT/results.md hold the summary, the last stdout line too.
+alternate which goes first with the seed. Each run also records its CPU seconds and the load
+average before it: other processes on the same cores can slow the two sides unequally (their
+thread pools wait in different ways), so a run with a high load before it is no clean measurement.
+Results are appended to OUT/results.jsonl as they come and runs already there are not repeated
+(so `--sides fastai` reruns one side, and an interrupted benchmark resumes; `--fresh` repeats
+them); OUT/results.json and OUT/results.md hold the summary, the last stdout line too.
 
     .venv/bin/python benchmarks/bench_small_data.py --seeds 0 1 2 --warm
     .venv/bin/python benchmarks/bench_small_data.py --datasets trec6 --seeds 0 --quick   # smoke test
@@ -135,23 +138,22 @@ class _Parsed(Exception):
 
 def script_args(script: str, argv: list[str]):
     """`argv` parsed by the script's own parser (its `main` stops right after parsing)."""
-    import argparse as argparse_module
     import importlib.util
     spec = importlib.util.spec_from_file_location(f"bench_{Path(script).stem}", SCRIPTS / script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    original = argparse_module.ArgumentParser.parse_args
+    original = argparse.ArgumentParser.parse_args
 
     def capture(self, args=None, namespace=None):
         raise _Parsed(original(self, args, namespace))
 
-    argparse_module.ArgumentParser.parse_args = capture
+    argparse.ArgumentParser.parse_args = capture
     try:
         module.main([str(a) for a in argv])
     except _Parsed as parsed:
         return module, parsed.namespace
     finally:
-        argparse_module.ArgumentParser.parse_args = original
+        argparse.ArgumentParser.parse_args = original
     raise RuntimeError(f"{script}: main() returned without parsing its arguments")
 
 
