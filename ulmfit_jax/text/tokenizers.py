@@ -11,10 +11,11 @@ Every tokenizer maps one raw document (str) to a list of token strings: the pre-
   spaCy's own English tables, exported once into `_spacy_en_tables.py` (so spaCy is not needed at run
   time). Text is split on whitespace into chunks exactly as spaCy does; every distinct chunk is
   tokenized once and its tokens (post-rules applied) are kept in a dictionary, so the work per token is a
-  dictionary look-up. Known difference: spaCy runs its special-case matcher over the whole document, so a
-  match that spans two chunks (tokens separated by a space) can block a match inside one chunk; `fast`
-  matches inside chunks only. Measured agreement on IMDb reviews: see tests/test_text_tokenizers.py and
-  the README.
+  dictionary look-up. spaCy's special-case matcher runs over the whole document, where a match that spans
+  two chunks (tokens separated by a space) can block a match inside one chunk; `fast` reproduces that:
+  a document with a chunk that could take part in such a match takes an exact document-level path
+  instead of the per-chunk cache. Agreement with spaCy on
+  real text: tests/test_text_tokenizers.py and docs/text.md.
 - `sentencepiece`: a unigram SentencePiece model (as MultiFiT) trained on the rule-processed corpus with
   fastai's settings (`SentencePieceTokenizer`): special tokens are user-defined symbols '▁xx...' so they stay
   whole, vocabulary size `len(unique words) // 4` rounded up to a multiple of 8 (at least 29, at most
