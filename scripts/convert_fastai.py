@@ -51,6 +51,8 @@ def export_weights(args) -> dict:
     else:
         state_dict = convert.export_classifier(model["params"], model["batch_stats"], config)
         kind = "classifier"
+    for path in (args.weights, args.vocab):
+        path.parent.mkdir(parents=True, exist_ok=True)
     convert.write_state_dict(state_dict, args.weights)
     convert.write_vocab_pickle(model["vocab"], args.vocab)
     return {"kind": kind, "weights": str(args.weights), "vocab": len(model["vocab"])}
