@@ -7,8 +7,6 @@ a timeout; the groups still running when a test ends are killed.
 """
 
 import json
-import os
-import re
 import shutil
 import signal
 import socket
@@ -20,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from script_processes import Script, cpu_environment, processes  # noqa: F401  (processes: a fixture)
 from ulmfit_jax.text.datasets import data_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,66 +43,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def environment(devices: int) -> dict:
-    """CPU only, `devices` forced host devices (conftest's XLA_FLAGS are not the run's)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    if devices > 1:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return env
-
-
-class Script:
-    """One script process in its own process group; stdout and stderr go to files (no pipe to fill)."""
-
-    def __init__(self, folder: Path, name: str, script: str, args, env):
-        self.stdout_path, self.stderr_path = folder / f"{name}.stdout", folder / f"{name}.stderr"
-        with open(self.stdout_path, "w") as stdout, open(self.stderr_path, "w") as stderr:
-            self.process = subprocess.Popen([sys.executable, str(ROOT / "scripts" / script), *map(str, args)],
-                                            stdout=stdout, stderr=stderr, env=env, start_new_session=True)
-
-    def running(self) -> bool:
-        return self.process.poll() is None
-
-    def signal(self, number) -> None:
-        """To the whole group, and only while the leader is not reaped (its group id is then still its)."""
-        if self.running():
-            os.killpg(self.process.pid, number)
-
-    @property
-    def stdout(self) -> str:
-        return self.stdout_path.read_text()
-
-    @property
-    def stderr(self) -> str:
-        return self.stderr_path.read_text()
-
-    def final(self) -> dict:
-        return json.loads(self.stdout.strip().splitlines()[-1])
-
-    def progress(self, total: int) -> int:
-        """The highest step process 0's progress bar has shown (0 before any)."""
-        return max(map(int, re.findall(rf"(\d+)/{total} \[", self.stderr)), default=0)
-
-
-@pytest.fixture
-def processes():
-    """Starts scripts; kills whatever of them still runs when the test ends (failed or not)."""
-    started = []
-
-    def start(*args, **kwargs) -> Script:
-        started.append(Script(*args, **kwargs))
-        return started[-1]
-
-    yield start
-    for script in started:
-        script.signal(signal.SIGKILL)
-        script.process.wait(timeout=60)
-
-
 def start_distributed(start, folder: Path, name: str, script: str, args, n: int = 2) -> list[Script]:
     cluster = ["--distributed", "--coordinator-address", f"localhost:{free_port()}", "--num-processes", str(n)]
-    return [start(folder, f"{name}.{i}", script, [*args, *cluster, "--process-id", str(i)], environment(1))
+    return [start(folder, f"{name}.{i}", script, [*args, *cluster, "--process-id", str(i)], cpu_environment(1))
             for i in range(n)]
 
 
@@ -131,7 +73,7 @@ def finish_all(runs: list[Script]) -> list[dict]:
 
 def run_single(folder: Path, name: str, script: str, args, devices: int = 2) -> dict:
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *map(str, args)], capture_output=True,
-                            text=True, timeout=TIMEOUT, env=environment(devices))
+                            text=True, timeout=TIMEOUT, env=cpu_environment(devices))
     (folder / f"{name}.stderr").write_text(result.stderr)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -230,7 +172,7 @@ def test_pretrain_lm_two_processes_stopped_and_resumed_equal_one_process(tmp_pat
     single = subprocess.run([sys.executable, str(ROOT / "scripts" / "pretrain_lm.py"), "--data", str(shared["data"]),
                              "--out", str(tmp_path / "lm_single"), *LM, "--compilation-cache", str(shared["cache"]),
                              "--max-steps", str(LM_STEPS)], capture_output=True, text=True, timeout=TIMEOUT,
-                            env=environment(2))
+                            env=cpu_environment(2))
     assert single.returncode == 0, single.stderr[-3000:]
     assert '"resumed_from_step": 10' in single.stdout
     assert_same_result(json.loads(single.stdout.strip().splitlines()[-1]), expected)

@@ -10,7 +10,6 @@ running when a test ends are killed.
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from script_processes import Script, cpu_environment, processes  # noqa: F401  (processes: a fixture)
 from ulmfit_jax.text.datasets import data_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,75 +35,9 @@ RESULT_KEYS = ("epoch", "step", "train_loss", "valid_loss", "valid_accuracy", "v
                "test_accuracy", "test_macro_f1")
 
 
-def environment() -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-    return env
-
-
-class Script:
-    """One script process in its own process group; stdout and stderr go to files (no pipe to fill)."""
-
-    def __init__(self, folder: Path, name: str, script: str, args):
-        self.stdout_path, self.stderr_path = folder / f"{name}.stdout", folder / f"{name}.stderr"
-        with open(self.stdout_path, "w") as stdout, open(self.stderr_path, "w") as stderr:
-            self.process = subprocess.Popen([sys.executable, str(ROOT / "scripts" / script), *map(str, args)],
-                                            stdout=stdout, stderr=stderr, env=environment(),
-                                            start_new_session=True)
-
-    def running(self) -> bool:
-        return self.process.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL to the whole group, only while the leader is not reaped (its group id is then still its)."""
-        if self.running():
-            os.killpg(self.process.pid, signal.SIGKILL)
-
-    def wait(self, timeout: float = TIMEOUT) -> int:
-        try:
-            return self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"{self.stdout_path.stem} ran over {timeout} s:\n{self.stderr[-3000:]}")
-
-    @property
-    def stdout(self) -> str:
-        return self.stdout_path.read_text()
-
-    @property
-    def stderr(self) -> str:
-        return self.stderr_path.read_text()
-
-    def final(self) -> dict:
-        return json.loads(self.stdout.strip().splitlines()[-1])
-
-    def progress(self) -> int:
-        """The highest step the progress bar has shown (0 before any)."""
-        return max(map(int, re.findall(rf"(\d+)/{TOTAL_STEPS} \[", self.stderr)), default=0)
-
-    def resumed_from(self) -> int | None:
-        found = re.findall(r'"resumed_from_step": (\d+)', self.stdout)
-        return int(found[0]) if found else None
-
-
-@pytest.fixture
-def processes():
-    """Starts scripts; kills whatever of them still runs when the test ends (failed or not)."""
-    started = []
-
-    def start(*args) -> Script:
-        started.append(Script(*args))
-        return started[-1]
-
-    yield start
-    for script in started:
-        script.kill()
-        script.process.wait(timeout=60)
-
-
 def run(folder: Path, name: str, script: str, args) -> dict:
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *map(str, args)], capture_output=True,
-                            text=True, timeout=TIMEOUT, env=environment())
+                            text=True, timeout=TIMEOUT, env=cpu_environment())
     (folder / f"{name}.stdout").write_text(result.stdout)
     (folder / f"{name}.stderr").write_text(result.stderr)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -178,8 +112,8 @@ def test_sigkill_at_three_points_then_the_rerun_equals_the_uninterrupted_run(tmp
     kill_points = [
         # stage 1's last epoch: its record is written, then its checkpoint (the kill may land before or after)
         ("stage 1's epoch record", lambda script: len(epoch_records(out)) >= 1),
-        ("stage 2's first steps", lambda script: script.progress() >= STEPS_PER_EPOCH + 1),
-        ("the middle of stage 2", lambda script: script.progress() >= STEPS_PER_EPOCH + 4),
+        ("stage 2's first steps", lambda script: script.progress(TOTAL_STEPS) >= STEPS_PER_EPOCH + 1),
+        ("the middle of stage 2", lambda script: script.progress(TOTAL_STEPS) >= STEPS_PER_EPOCH + 4),
     ]
     for attempt, (what, condition) in enumerate(kill_points):
         newest = max(saved_steps(out), default=None)
@@ -238,7 +172,7 @@ def unreadable_newest(shared):
         path.write_bytes(os.urandom(64))
     rerun = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_classifier.py"),
                             *map(str, shared["command"](out))], capture_output=True, text=True, timeout=TIMEOUT,
-                           env=environment())
+                           env=cpu_environment())
     return out, rerun
 
 
@@ -299,7 +233,7 @@ def test_no_resume_moves_the_earlier_run_aside_and_changed_settings_are_refused(
     # another learning rate: refused before anything is trained or written, the flag named
     refused = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_classifier.py"),
                               *map(str, command(out, "--lr", "0.03"))], capture_output=True, text=True,
-                             timeout=TIMEOUT, env=environment())
+                             timeout=TIMEOUT, env=cpu_environment())
     assert refused.returncode != 0
     assert "--lr: saved 0.02, now 0.03" in refused.stderr, refused.stderr[-2000:]
     assert saved_steps(out) == [9] and (out / "metrics.jsonl").read_text() == before
