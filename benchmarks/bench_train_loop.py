@@ -3,7 +3,8 @@
 TrainState loop), side by side in one run: steps per second of `train.fit_language_model` and
 `train.fit_classifier`, compile time excluded (the loops' own `Throughput`), at the demo's sizes and
 at a tiny size where the step's compute is negligible, so that its time per step is the loop's
-per-step overhead (dispatch, batch layout, host syncs).
+per-step overhead (dispatch, batch layout, host syncs). Both sides compile with XLA's full
+optimisation (the new loop's `quick_compile=False`), so the steps' programs are alike.
 
   python benchmarks/bench_train_loop.py                     # makes a git worktree of --old at /tmp
   python benchmarks/bench_train_loop.py --old-root ../old   # an existing checkout
@@ -41,7 +42,10 @@ sys.path.insert(0, sys.argv[1])
 from ulmfit_jax import models, optim, train
 from ulmfit_jax.config import awd_lstm_clas_config, awd_lstm_lm_config
 kind, vocab, emb, hidden, layers, batch, length, steps = json.loads(sys.argv[2])
+import inspect
 rng = np.random.default_rng(0)
+# the old loop compiled these single-stage fits with XLA's full optimisation; so does the new one here
+options = {"quick_compile": False} if "quick_compile" in inspect.signature(train.fit_classifier).parameters else {}
 sizes = dict(emb_size=emb, n_hidden=hidden, n_layers=layers)
 stage = lambda trainable: train.Stage(1, optim.OptimizerConfig(learning_rate=1e-3), trainable)
 if kind == "lm":
@@ -49,14 +53,14 @@ if kind == "lm":
     documents = [rng.integers(2, vocab, 200).astype(np.int32) for _ in range(batch * length * (steps + 2) // 200 + 1)]
     params = models.init_language_model(jax.random.PRNGKey(0), config)
     fit = lambda: train.fit_language_model(params, config, documents, None, [stage(None)], batch_size=batch,
-                                           bptt=length, max_steps=steps)
+                                           bptt=length, max_steps=steps, **options)
 else:
     config = awd_lstm_clas_config(vocab, 6, bptt=70, **sizes)
     documents = [rng.integers(2, vocab, rng.integers(*length)).astype(np.int32) for _ in range(batch * (steps + 1))]
     labels = rng.integers(0, 6, len(documents))
     params, stats = models.init_classifier(jax.random.PRNGKey(0), config)
     fit = lambda: train.fit_classifier(params, stats, config, documents, labels, None, None,
-                                       [stage(None)], batch_size=batch, max_steps=steps)
+                                       [stage(None)], batch_size=batch, max_steps=steps, **options)
 throughput = fit()[-1]
 # both loops count tokens over their timed steps only (compile excluded): steps/s from the mean step size
 tokens_per_step = batch * length if kind == "lm" else batch * float(np.mean([len(d) for d in documents]))
