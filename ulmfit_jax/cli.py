@@ -111,7 +111,7 @@ def add_common_flags(parser: argparse.ArgumentParser, *, default_lr: float, defa
                              "(long stages on large data); default: one step for every stage")
     parser.add_argument("--quick-compile", choices=("auto", "on", "off"), default="auto",
                         help="compile the train step for compile time rather than run time (CPU); auto: for "
-                             "runs of at most 2000 steps")
+                             "short runs (steps x batch x length at most 4M token positions)")
     parser.add_argument("--no-resume", action="store_true",
                         help="start afresh: move the checkpoints and results already in --out to "
                              "--out/previous/N (nothing is deleted)")

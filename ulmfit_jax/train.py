@@ -89,10 +89,11 @@ class _Signals:
 
 
 # XLA:CPU options that trade run time for compile time: optimisation level 1 and the classic fusion
-# emitters about halve a train step's compile and make its steps some 8% slower, a good trade
-# for a run of a few hundred steps (a small data set's fine-tuning), a bad one for pretraining.
+# emitters about halve a train step's compile and make its steps slower, a good trade for a short
+# run (a small data set's fine-tuning and classifier), a bad one for pretraining. A run is short when
+# its steps cover at most QUICK_COMPILE_MAX_POSITIONS token positions (batch x length, padding included).
 QUICK_COMPILE_CPU_OPTIONS = (("xla_backend_optimization_level", 1), ("xla_cpu_use_fusion_emitters", False))
-QUICK_COMPILE_MAX_STEPS = 2000
+QUICK_COMPILE_MAX_POSITIONS = 4_000_000
 
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _compile_seconds = [0.0]
@@ -130,7 +131,8 @@ def run_stages(kind: str, config, state: steps.TrainState, stages, steps_per_epo
     metrics. `share_compiles`: one train step for every stage (the backward pass runs through
     frozen groups); False: each stage's own, differentiating only its groups. `quick_compile`: compile
     the train step for compile time rather than run time (`QUICK_COMPILE_CPU_OPTIONS`, CPU only);
-    None: when the run is short (at most `QUICK_COMPILE_MAX_STEPS` steps). `compiler`: where the
+    None: when the run is short (its steps times its widest batch's token positions at most
+    `QUICK_COMPILE_MAX_POSITIONS`). `compiler`: where the
     train steps compile (and `evaluate` may call its programs); `ahead`: `(fn, *args)` of further
     programs to compile in the background after the train steps (the evaluation's).
     """
@@ -144,7 +146,8 @@ def run_stages(kind: str, config, state: steps.TrainState, stages, steps_per_epo
     trainables = [optim.unfreeze(count) if s.trainable is None else frozenset(s.trainable) for s in stages]
     params_like = jax.eval_shape(lambda p: p, state.params)
     if quick_compile is None:
-        quick_compile = total_steps <= QUICK_COMPILE_MAX_STEPS
+        positions = max(int(np.prod(leaf.shape)) for spec in batch_specs for leaf in jax.tree.leaves(spec))
+        quick_compile = total_steps * positions <= QUICK_COMPILE_MAX_POSITIONS
     compiler_options = dict(QUICK_COMPILE_CPU_OPTIONS) if quick_compile and jax.default_backend() == "cpu" else None
     built = {}
 
