@@ -6,9 +6,8 @@ it) for each batch shape, and the evaluation forward pass for each. `Compiler.su
 also fills `jax.jit`'s own cache, so a plain call of `fn` with such arguments compiles nothing);
 `Compiler.call(fn, *args)` runs the executable for those arguments' shapes, waiting for its
 compile if it is in flight and compiling it in the caller's thread if it was never submitted (a
-submitted compile not yet started is taken over, never compiled twice). Compile time is counted
-(`compile_seconds`, the sum of every compile's duration) apart from the time the caller waited
-(`wait_seconds`).
+submitted compile not yet started is taken over, never compiled twice). The time the caller waited
+for compiles is `wait_seconds` (the loop leaves it out of its throughput).
 
 Tracing happens in the worker thread, so thread-local JAX settings (`jax.default_matmul_precision`
 as a context manager) do not reach it; set them globally (`jax.config.update`).
@@ -17,7 +16,6 @@ as a context manager) do not reach it; set them globally (`jax.config.update`).
 from __future__ import annotations
 
 import concurrent.futures
-import threading
 import time
 import warnings
 
@@ -47,18 +45,11 @@ class Compiler:
             if background else None
         self._futures: dict = {}
         self._compiled: dict = {}
-        self._lock = threading.Lock()
-        self.compile_seconds = 0.0
         self.wait_seconds = 0.0
-        self.count = 0
 
-    def _compile(self, fn, args):
-        start = time.perf_counter()
-        compiled = fn.lower(*args).compile()
-        with self._lock:
-            self.compile_seconds += time.perf_counter() - start
-            self.count += 1
-        return compiled
+    @staticmethod
+    def _compile(fn, args):
+        return fn.lower(*args).compile()
 
     def submit(self, fn, *args, key=None) -> None:
         """Queue `fn`'s compile for `args` (arrays or `spec`s); a no-op when known or without a thread.

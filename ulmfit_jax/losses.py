@@ -65,9 +65,8 @@ def fused_linear_cross_entropy(hidden: jax.Array, weight: jax.Array, bias: jax.A
     The chunk's [chunk, V] arrays are what the time goes into besides the matmuls, so each is
     passed over as few times as possible: the bias enters the logits' matmul as one more column
     of the weight (against a column of ones), `exp` is computed once, and the one-hot target is
-    subtracted by a scatter of `chunk` elements rather than a comparison over all V columns. At
-    the demo's sizes (4,480 rows, vocab 10,008, E 128; chunk 256 rather than 128) forward +
-    backward went from 229 to 209 ms in `benchmarks/bench_lstm_layer.py` on the 2-core Xeon.
+    subtracted by a scatter of `chunk` elements rather than a comparison over all V columns
+    (`benchmarks/bench_lstm_layer.py` times it against torch; docs/benchmarks.md).
     """
     emb = hidden.shape[-1]
     if targets.shape != hidden.shape[:-1]:

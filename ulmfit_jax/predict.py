@@ -45,25 +45,17 @@ def classifier_batch_settings(config: ClassifierConfig, batch_size: int, backwar
                                    bucket_multiple=config.bptt, short_bucket_multiple=min(8, config.bptt),
                                    backwards=backwards, lengths=lengths)
 
-def predict_classifier(predict, params, batch_stats, documents, settings, place=None) -> np.ndarray:
-    """Class probabilities f32[N, C] in the documents' order. `place(tokens)` puts a batch on the
-    devices (default: as it is)."""
+def predict_classifier(predict, params, batch_stats, documents, settings) -> np.ndarray:
+    """Class probabilities f32[N, C] in the documents' order; every batch is dispatched before any
+    result is read."""
     from ulmfit_jax.text.batches import classifier_batches
     probabilities = None
     outputs = []
     for batch in classifier_batches(documents, None, settings, train=False):
-        tokens = batch.tokens if place is None else place(batch.tokens)
-        outputs.append((batch, predict(params, batch_stats, tokens)))       # dispatched, not yet read
+        outputs.append((batch, predict(params, batch_stats, batch.tokens)))
     for batch, out in outputs:
-        out = np.asarray(jax.device_get(out) if place is None else _gather(out))
+        out = np.asarray(jax.device_get(out))
         if probabilities is None:
             probabilities = np.zeros((len(documents), out.shape[1]), np.float32)
         probabilities[batch.indices[batch.row_mask]] = out[batch.row_mask]
     return probabilities
-
-def _gather(array):
-    """A global array's value on every process (multi-process runs shard the batch across hosts)."""
-    if array.is_fully_addressable:
-        return jax.device_get(array)
-    from jax.experimental import multihost_utils
-    return multihost_utils.process_allgather(array, tiled=True)
