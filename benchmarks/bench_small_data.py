@@ -13,10 +13,11 @@ pickle, which fastai loads with `language_model_learner(..., pretrained=False)` 
 One source of truth for the recipe: the flags below are parsed by our scripts' own parsers, and
 the fastai side gets what our scripts derive from them: the model configs (`cli.language_model_config`
 and `cli.classifier_config`: dropouts, head, bptt, max_len), the classifier's stages
-(`stages_for(args, n_groups, from_scratch)` of scripts/train_classifier.py, each translated into
-`freeze_to` / `unfreeze` + `fit_one_cycle(epochs, slice(lo, hi), div, div_final, pct_start, moms,
-wd)`), fine-tuning's two stages (`cli.optimizer_config` at `--frozen-lr` with the last group alone
-(`freeze()`), then at `--lr` unfrozen, as finetune_lm.py builds them), and the validation split
+(`stages_for(args, n_groups, from_scratch)` of scripts/train_classifier.py, the `--recipe`'s
+stages from `ulmfit_jax.recipes`, each translated into `freeze_to` / `unfreeze` +
+`fit_one_cycle(epochs, slice(lo, hi), div, div_final, pct_start, moms, wd)`), fine-tuning's stages
+the same way (`stages_for(args, n_groups)` of scripts/finetune_lm.py: `--freeze-epochs` at
+`--frozen-lr` with the last group alone (`freeze()`), then `--epochs` at `--lr` unfrozen), and the validation split
 (`cli.validation_split`: the data's 'valid' / 'dev' split, else 10% of train by seed). Both sides
 read the same prepared ids and vocabulary (`scripts/prepare_data.py`; fastai gets the ids, not its
 own tokenizer). fastai keeps the best fine-tuned epoch by validation loss (`SaveModelCallback`, as
@@ -63,7 +64,7 @@ from common import git_state, machine, timed_run, versions  # noqa: E402  (bench
 
 DATASETS = {"trec6": ("trec", "trec6"), "sst2": ("sst", "sst2")}      # name -> (folder in the data dir, --format)
 SIDES = ("ours", "fastai")
-# The pretrained LM both sides start from: the demo's pretraining settings (scripts/demo.py Recipe).
+# The pretrained LM both sides start from: the demo's pretraining settings (ulmfit_jax.recipes.DemoSettings).
 PRETRAIN_FLAGS = ["--emb-sz", "128", "--n-hid", "384", "--n-layers", "2", "--epochs", "1", "--bs", "64",
                   "--lr", "5e-3", "--drop-mult", "0.1", "--clip", "0.4", "--seed", "0"]
 PRETRAIN_VOCAB = ["--max-vocab", "10000", "--min-freq", "3"]
@@ -214,7 +215,7 @@ def fastai_plan(args, name: str, data_dir: Path, pretrained: dict, seed: int, ru
                *finetune_flags(args.quick)]
     clas_argv = ["--data", data_dir, "--encoder", run / "lm" / "encoder", "--out", run / "classifier",
                  "--seed", seed, *classifier_flags(args.quick)]
-    _, lm_args = script_args("finetune_lm.py", lm_argv)
+    lm_module, lm_args = script_args("finetune_lm.py", lm_argv)
     clas_module, clas_args = script_args("train_classifier.py", clas_argv)
 
     pretrained_config = checkpoint.load_model(pretrained["model"])["config"]
@@ -223,16 +224,13 @@ def fastai_plan(args, name: str, data_dir: Path, pretrained: dict, seed: int, ru
                  pad_token=encoder.pad_token, bidir=encoder.bidirectional)
     dropouts = lambda e: {k: getattr(e, k) for k in ("hidden_p", "input_p", "embed_p", "weight_p")}
 
-    # stage 2, as finetune_lm.py builds it
+    # stage 2, finetune_lm.py's own stages
     lm_config = cli.language_model_config(lm_args, len(data.vocab))
     lm_params = jax.eval_shape(lambda: models.init_language_model(jax.random.PRNGKey(0), dataclasses.replace(
         lm_config, encoder=dataclasses.replace(encoder, vocab_size=len(data.vocab)))))
     lm_groups = optim.n_groups(optim.layer_group_labels(lm_params, "lm"))
-    lm_stages = [fastai_stage(lm_args.epochs, cli.optimizer_config(lm_args, lm_args.lr, lm_groups), None, lm_groups)]
-    if lm_args.freeze_epochs:
-        lm_stages.insert(0, fastai_stage(lm_args.freeze_epochs, cli.optimizer_config(lm_args, lm_args.frozen_lr,
-                                                                                     lm_groups),
-                                         optim.freeze(lm_groups), lm_groups))
+    lm_stages = [fastai_stage(s.epochs, s.optimizer, s.trainable, lm_groups)
+                 for s in lm_module.stages_for(lm_args, lm_groups)]
 
     # stage 3, train_classifier.py's own stages
     clas_config = cli.classifier_config(clas_args, len(data.vocab), len(data.classes))

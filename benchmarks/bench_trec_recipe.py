@@ -1,14 +1,16 @@
 """The demo's ULMFiT recipe on TREC-6, end to end: fastai 2.8.12 (PyTorch CPU) vs ulmfit_jax, side by side.
 
-Both sides run `scripts/demo.py`'s `Recipe` (the same values, passed to the fastai side as JSON) from
-raw text to test accuracy, each in its own process on the same cores, one after the other:
+Both sides run the demo's settings and stages (`ulmfit_jax.recipes.DemoSettings` and `recipes.DEMO`,
+passed to the fastai side as JSON: the settings, and the stages as fastai's `freeze_to` / `unfreeze`
++ `fit_one_cycle` calls) from raw text to test accuracy, each in its own process on the same cores,
+one after the other:
 - ulmfit_jax: `scripts/demo.py --seed S [--from-scratch]` with an empty token cache and the
   persistent compilation cache off (`--warm-compilation-cache`: one cache shared by the runs).
 - fastai: the same stages written the way a fastai user writes them: `tokenize_texts` (spaCy, fastai's
   rules), `make_vocab`, `LMDataLoader`, `get_language_model(AWD_LSTM, ...)` in a `TextLearner`
   (fastai's Adam, AR/TAR, `awd_lstm_lm_split`), `fit_one_cycle` with `GradientClip`, `match_embeds`,
   `freeze` / `unfreeze`, then `get_text_classifier` on `SortedDL` + `pad_input_chunk` batches with
-  `freeze_to(-1)`, `freeze_to(-2)`, `freeze_to(-3)`, `unfreeze` and `slice(lr / 2.6**4, lr)`.
+  the recipe's `freeze_to(-1)`, `freeze_to(-2)`, `freeze_to(-3)`, `unfreeze` and `slice(lo, hi)`.
   Where ulmfit_jax does not validate (fine-tuning, the classifier) fastai skips validation too.
 
 Each run is timed from outside (process start to exit, imports and compilation included) and from
@@ -75,6 +77,15 @@ def run_fastai(recipe: dict, data_dir: Path, seed: int, from_scratch: bool) -> d
         index = defaultdict(int, {token: i for i, token in enumerate(vocab)})
         return [torch.tensor([index[token] for token in doc]) for doc in docs]
 
+    def fit_stages(learn, stages):
+        for stage in stages:
+            if stage["freeze_to"] is None:
+                learn.unfreeze()
+            else:
+                learn.freeze_to(stage["freeze_to"])
+            lr = stage["lr"]
+            learn.fit_one_cycle(stage["epochs"], slice(*lr["slice"]) if isinstance(lr, dict) else lr)
+
     r = recipe
     sizes = dict(emb_sz=r["emb_sz"], n_hid=r["n_hid"], n_layers=r["n_layers"])
     cpu = torch.device("cpu")
@@ -115,10 +126,7 @@ def run_fastai(recipe: dict, data_dir: Path, seed: int, from_scratch: bool) -> d
         dls = DataLoaders(LMDataLoader(trec_ids, bs=r["finetune_bs"], seq_len=r["bptt"], shuffle=True),
                           LMDataLoader(trec_ids[:1], bs=1, seq_len=r["bptt"]), device=cpu)
         learn = learner(dls, model, awd_lstm_lm_split, cbs=[SkipValidation()])
-        learn.freeze()
-        learn.fit_one_cycle(1, r["finetune_frozen_lr"])
-        learn.unfreeze()
-        learn.fit_one_cycle(r["finetune_epochs"], r["finetune_lr"])
+        fit_stages(learn, r["finetune_stages"])
         encoder_state = learn.model[0].state_dict()
 
     model = get_text_classifier(AWD_LSTM, len(trec_vocab), len(classes), seq_len=r["bptt"],
@@ -134,12 +142,7 @@ def run_fastai(recipe: dict, data_dir: Path, seed: int, from_scratch: bool) -> d
                                drop_last=True), test_dl, device=cpu)
     skip = SkipValidation()
     learn = learner(dls, model, awd_lstm_clas_split, cbs=[skip])
-    for epochs, lr, freeze_to in r["classifier_stages"]:
-        if freeze_to is None:
-            learn.unfreeze()
-        else:
-            learn.freeze_to(freeze_to)
-        learn.fit_one_cycle(epochs, slice(lr / r["lr_factor"] ** 4, lr))
+    fit_stages(learn, r["classifier_stages"])
     learn.remove_cb(skip)
     probabilities, targets = learn.get_preds(dl=test_dl)
     accuracy_ = (probabilities.argmax(dim=1) == targets).float().mean().item()
@@ -177,15 +180,27 @@ def run_one(side: str, seed: int, from_scratch: bool, args) -> dict:
 
 
 def recipe_dict(args, from_scratch: bool) -> dict:
-    """The Recipe's fields and its classifier stages, for the fastai side (which does not import JAX)."""
-    from demo import Recipe
-    recipe = Recipe(**args.recipe_overrides)
-    return dict(dataclasses.asdict(recipe), classifier_stages=recipe.classifier_stages(from_scratch))
+    """The demo's settings and its stages as fastai calls (`bench_small_data.fastai_stage`: epochs,
+    `freeze_to` or None for `unfreeze`, lr), for the fastai side (which does not import JAX). The
+    stages are the ones scripts/demo.py builds (its `finetune_plan` and `classifier_plan`)."""
+    from bench_small_data import fastai_stage
+    from demo import classifier_plan, finetune_plan
+
+    from ulmfit_jax.recipes import DemoSettings
+    settings = DemoSettings(**args.recipe_overrides)
+    lm_groups, clas_groups = settings.n_layers + 1, settings.n_layers + 2
+    _, lm_stages = finetune_plan(settings, vocab_size=1)
+    _, clas_stages = classifier_plan(settings, vocab_size=1, n_classes=2, from_scratch=from_scratch)
+    return dict(dataclasses.asdict(settings),
+                finetune_stages=[fastai_stage(s.epochs, s.optimizer, s.trainable, lm_groups) for s in lm_stages],
+                classifier_stages=[fastai_stage(s.epochs, s.optimizer, s.trainable, clas_groups)
+                                   for s in clas_stages])
 
 
 def recipe_flags(args) -> list[str]:
-    return [item for name, value in args.recipe_overrides.items()
-            for item in ("--" + name.replace("_", "-"), str(value))]
+    from ulmfit_jax import flags
+    from ulmfit_jax.recipes import DemoSettings
+    return flags.as_argv(DemoSettings(**args.recipe_overrides))
 
 
 def summarize(results: list[dict], seeds) -> str:
@@ -231,7 +246,7 @@ def main(argv=None):
                         help="run only these sides (the other's results already in OUT are kept and compared)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_trec_recipe")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override a Recipe field on both sides (a smaller run: --set wiki_words=100000)")
+                        help="override a DemoSettings field on both sides (a smaller run: --set wiki_words=100000)")
     parser.add_argument("--warm-compilation-cache", action="store_true",
                         help="ulmfit_jax runs share a persistent compilation cache in OUT (the first run fills it)")
     parser.add_argument("--run-fastai", action="store_true", help=argparse.SUPPRESS)
@@ -244,13 +259,13 @@ def main(argv=None):
         print(json.dumps(run_fastai(json.loads(args.recipe), args.data_dir, args.seed, args.from_scratch)))
         return
 
-    from demo import Recipe
-    fields = {f.name: type(f.default) for f in dataclasses.fields(Recipe)}
+    from ulmfit_jax.recipes import DemoSettings
+    fields = {f.name: type(f.default) for f in dataclasses.fields(DemoSettings)}
     args.recipe_overrides = {}
     for item in args.set:
         name, _, value = item.partition("=")
         if name not in fields:
-            raise SystemExit(f"error: --set {item}: Recipe has no field {name!r} ({', '.join(fields)})")
+            raise SystemExit(f"error: --set {item}: DemoSettings has no field {name!r} ({', '.join(fields)})")
         args.recipe_overrides[name] = fields[name](value)
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.jsonl"
@@ -275,7 +290,7 @@ def main(argv=None):
     table, summary = summarize(results, args.seeds)
     print(f"\n{cpu_model()}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}, "
           f"{', '.join(f'{name} {version}' for name, version in versions().items())}")
-    print(f"recipe: scripts/demo.py Recipe{' with ' + str(args.recipe_overrides) if args.recipe_overrides else ''}\n")
+    print(f"recipe: ulmfit_jax.recipes DemoSettings and DEMO{' with ' + str(args.recipe_overrides) if args.recipe_overrides else ''}\n")
     print(table)
     print(json.dumps({"benchmark": "trec_recipe", "recipe_overrides": args.recipe_overrides, **summary}))
 

@@ -6,9 +6,10 @@
       --pretrained-vocab itos_wt103.pkl --out runs/imdb_lm
 
 The pretrained model (ulmfit_jax model directory, or fastai weights + vocabulary pickle) moves to the
-data's vocabulary as fastai's `match_embeds` does; the last layer group (embedding + decoder)
-trains alone for `--freeze-epochs` at `--frozen-lr`, then every group for `--epochs` at `--lr`
-(fastai's tutorial: 1 epoch at 1e-2, then 10 at 1e-3). Text of the train and unsup splits is used
+data's vocabulary as fastai's `match_embeds` does. The stages are `--recipe`'s (`ulmfit_jax.recipes`);
+the default, fastai's tutorial: the last layer group (embedding + decoder) alone for
+`--freeze-epochs` at `--frozen-lr`, then every group for `--epochs` at `--lr` (1 epoch at 1e-2,
+then 10 at 1e-3 by default). Text of the train and unsup splits is used
 (`--include-test-text` adds the test split's), labels are not. Writes `out/best`, `out/last`, `out/encoder` (for train_classifier.py --encoder). Last stdout
 line: JSON.
 """
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ulmfit_jax import checkpoint, cli, convert, optim, parallel, train  # noqa: E402
+from ulmfit_jax import checkpoint, cli, convert, optim, parallel, recipes  # noqa: E402
 from ulmfit_jax.config import LanguageModelConfig  # noqa: E402
 
 
@@ -44,6 +45,18 @@ def load_pretrained(args):
     return config, params, vocab
 
 
+def stages_for(args, n_groups):
+    """The run's stages: `--recipe`'s LM fine-tuning at `--lr` (`--frozen-lr` for a frozen stage)
+    over `--epochs` (`--freeze-epochs`), under the preset's optimizer settings."""
+    recipe = recipes.RECIPES[args.recipe]
+    try:
+        return recipes.training_stages(recipe.finetune, n_groups=n_groups, lr=args.lr, frozen_lr=args.frozen_lr,
+                                       epochs=args.epochs, freeze_epochs=args.freeze_epochs,
+                                       optimizer=lambda lr: cli.optimizer_config(args, lr, n_groups))
+    except ValueError as error:
+        raise SystemExit(f"error: --recipe {recipe.name}: {error}")
+
+
 def main(argv=None):
     started = time.time()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,8 +64,10 @@ def main(argv=None):
     parser.add_argument("--pretrained", type=Path, help="ulmfit_jax language model directory")
     parser.add_argument("--pretrained-fastai", type=Path, help="fastai LM weights (.pth)")
     parser.add_argument("--pretrained-vocab", type=Path, help="fastai vocabulary pickle for --pretrained-fastai")
-    parser.add_argument("--freeze-epochs", type=int, default=1)
-    parser.add_argument("--frozen-lr", type=float, default=1e-2)
+    parser.add_argument("--recipe", choices=list(recipes.RECIPES), default="fastai",
+                        help="the stages (ulmfit_jax.recipes; default: fastai's tutorial)")
+    parser.add_argument("--freeze-epochs", type=int, default=1, help="epochs of the recipe's frozen stage")
+    parser.add_argument("--frozen-lr", type=float, default=1e-2, help="learning rate of the recipe's frozen stage")
     parser.add_argument("--include-test-text", action="store_true",
                         help="also fine-tune on the test split's text (no labels; fastai's IMDb notebooks do)")
     args = parser.parse_args(argv)
@@ -69,11 +84,7 @@ def main(argv=None):
         output_p=config.output_p, tie_weights=pretrained_config.tie_weights, out_bias=pretrained_config.out_bias)
     documents, _ = cli.split_documents(data, ("train", "unsup", "test") if args.include_test_text else ("train", "unsup"))
     train_docs, _, valid_docs, _ = cli.validation_split(data, documents, None, args.seed)
-    n_groups = optim.n_groups(optim.layer_group_labels(params, "lm"))
-    stages = [train.Stage(args.epochs, cli.optimizer_config(args, args.lr, n_groups))]
-    if args.freeze_epochs:
-        stages.insert(0, train.Stage(args.freeze_epochs, cli.optimizer_config(args, args.frozen_lr, n_groups),
-                                     optim.freeze(n_groups)))
+    stages = stages_for(args, optim.n_groups(optim.layer_group_labels(params, "lm")))
     final_params, history, throughput = cli.fit_language_model_from_args(
         args, params, config, data.vocab, train_docs, valid_docs, stages, "finetune")
     if parallel.is_main_process():

@@ -3,11 +3,13 @@
 
   python scripts/train_classifier.py --data data/trec --encoder runs/trec_lm/encoder --out runs/trec_clas
 
-Gradual unfreezing as fastai's tutorial: the head alone for one epoch at `--lr`, then the last two
-groups at lr/2, the last three at lr/4, each for one epoch with discriminative rates
-`slice(lr_k / 2.6**4, lr_k)`, then every group for `--epochs` at lr/20 (`--chain-thaw`: the paper's
-alternative). Schedules: one-cycle (`--preset fastai`) or STLR (`--preset paper`). Without
-`--encoder` the classifier trains from scratch (every group, `--epochs` + 3 epochs). Validation on
+The stages are `--recipe`'s (`ulmfit_jax.recipes`). The default, fastai's tutorial: gradual
+unfreezing, the head alone for one epoch at `--lr`, then the last two groups at lr/2, the last
+three at lr/4, each for one epoch with discriminative rates `slice(lr_k / 2.6**(groups-1), lr_k)`,
+then every group for `--epochs` at lr/20; `--recipe chain-thaw` (or `--chain-thaw`), `paper`,
+`multifit`, `demo` for the others. Schedules: one-cycle (`--preset fastai`) or STLR (`--preset
+paper`) unless the recipe sets its own. Without `--encoder` the classifier trains from scratch
+(the fastai recipe: every group, `--epochs` + 3 epochs at lr/4). Validation on
 'valid' / 'dev' (or 10% of train), test metrics at the end when the data has a test split. Writes
 `out/best`, `out/last`, metrics and plots; last stdout line JSON.
 """
@@ -22,24 +24,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ulmfit_jax import checkpoint, cli, metrics, models, optim, parallel, predict, train  # noqa: E402
-
-FACTOR = 2.6
+from ulmfit_jax import checkpoint, cli, metrics, models, optim, parallel, predict, recipes, train  # noqa: E402
 
 
 def stages_for(args, n_groups, from_scratch):
-    config = lambda lr: cli.optimizer_config(args, optim.Slice(lr / FACTOR ** (n_groups - 1), lr), n_groups)
-    if from_scratch:
-        return [train.Stage(args.epochs + 3, config(args.lr / 4))]
-    if args.chain_thaw:
-        # the paper's chain-thaw: the head, then each group alone from the bottom, then all
-        return ([train.Stage(1, config(args.lr), frozenset({n_groups - 1}))]
-                + [train.Stage(1, config(args.lr / 10), frozenset({g})) for g in range(n_groups - 1)]
-                + [train.Stage(args.epochs, config(args.lr / 20))])
-    return [train.Stage(1, config(args.lr), optim.freeze_to(-1, n_groups)),
-            train.Stage(1, config(args.lr / 2), optim.freeze_to(-2, n_groups)),
-            train.Stage(1, config(args.lr / 4), optim.freeze_to(-3, n_groups)),
-            train.Stage(args.epochs, config(args.lr / 20))]
+    """The run's stages: `--recipe`'s classifier (from scratch without `--encoder`) at `--lr` over
+    `--epochs`, under the preset's optimizer settings."""
+    recipe = recipes.RECIPES["chain-thaw" if args.chain_thaw else args.recipe]
+    try:
+        return recipes.training_stages(recipe.from_scratch if from_scratch else recipe.classifier,
+                                       n_groups=n_groups, lr=args.lr, epochs=args.epochs,
+                                       optimizer=lambda lr: cli.optimizer_config(args, lr, n_groups))
+    except ValueError as error:
+        raise SystemExit(f"error: --recipe {recipe.name}: {error}")
 
 
 def main(argv=None):
@@ -47,8 +44,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_common_flags(parser, default_lr=2e-2, default_epochs=2)
     parser.add_argument("--encoder", type=Path, help="fine-tuned encoder (finetune_lm.py's out/encoder)")
-    parser.add_argument("--chain-thaw", action="store_true")
+    parser.add_argument("--recipe", choices=list(recipes.RECIPES), default="fastai",
+                        help="the stages (ulmfit_jax.recipes; default: fastai's tutorial)")
+    parser.add_argument("--chain-thaw", action="store_true", help="the same as --recipe chain-thaw")
     args = parser.parse_args(argv)
+    if args.chain_thaw and args.recipe not in ("fastai", "chain-thaw"):
+        raise SystemExit(f"error: --chain-thaw is --recipe chain-thaw; it does not go with --recipe {args.recipe}")
     cli.start(args)
     data = cli.load_data(args)
     if data.classes is None or data.splits.get("train") is None or data.splits["train"].labels is None:
