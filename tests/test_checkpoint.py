@@ -1,5 +1,7 @@
 """Model directories and orbax training checkpoints: round trips, and damaged files that must not lose data."""
 
+import dataclasses
+import json
 import os
 import socket
 import subprocess
@@ -288,3 +290,121 @@ def test_a_tree_without_empty_containers_keeps_the_old_keys():
 def test_an_ambiguous_key_is_refused(key):
     with pytest.raises(ValueError, match="cannot store the tree key"):
         checkpoint.flatten_tree({"x": {key: np.ones(1)}})
+
+
+# ----------------------------------------------------------------------------------------------
+# Every parameter layout through a model directory, and the tokenizer beside the vocabulary
+
+def _randomized(tree_, seed):
+    """Every leaf replaced by random values of its shape and dtype: a round trip that mixed up two
+    leaves of one shape, or lost a batch-norm statistic to its initial zeros and ones, shows."""
+    leaves, structure = jax.tree.flatten(tree_)
+    rng = np.random.default_rng(seed)
+    return jax.tree.unflatten(structure, [rng.standard_normal(np.shape(x)).astype(np.asarray(x).dtype)
+                                          for x in leaves])
+
+
+LM_LAYOUTS = [(arch, tied, bias) for arch in ("lstm", "qrnn") for tied in (True, False) for bias in (True, False)]
+
+
+@pytest.mark.parametrize("arch,tied,bias", LM_LAYOUTS, ids=[f"{a}-{'tied' if t else 'untied'}-{'bias' if b else 'nobias'}"
+                                                            for a, t, b in LM_LAYOUTS])
+def test_every_language_model_layout_round_trips(tmp_path, arch, tied, bias):
+    from ulmfit_jax.config import awd_qrnn_lm_config
+    make = awd_lstm_lm_config if arch == "lstm" else awd_qrnn_lm_config
+    config = make(12, emb_size=4, n_hidden=6, n_layers=2, tie_weights=tied, out_bias=bias)
+    params = _randomized(jax.tree.map(np.asarray, models.init_language_model(jax.random.PRNGKey(0), config)), 1)
+    assert ("weight" in params["decoder"]) != tied and ("bias" in params["decoder"]) == bias
+    checkpoint.save_model(tmp_path / "lm", config, params, [f"t{i}" for i in range(12)])
+    model = checkpoint.load_model(tmp_path / "lm")
+    assert model["config"] == config and model["tokenizer"] is None
+    assert jax.tree.structure(model["params"]) == jax.tree.structure(params)
+    jax.tree.map(np.testing.assert_array_equal, model["params"], params)
+    encoder_config, encoder_params, _ = checkpoint.load_encoder(tmp_path / "lm")
+    assert encoder_config == config.encoder
+    jax.tree.map(np.testing.assert_array_equal, encoder_params, params["encoder"])
+
+
+@pytest.mark.parametrize("arch", ["lstm", "qrnn"])
+def test_every_classifier_layout_round_trips_with_its_batch_norm_statistics(tmp_path, arch):
+    from ulmfit_jax.config import awd_qrnn_clas_config
+    make = awd_lstm_clas_config if arch == "lstm" else awd_qrnn_clas_config
+    config = make(12, 3, emb_size=4, n_hidden=6, n_layers=2, bptt=5)
+    params, batch_stats = jax.tree.map(np.asarray, models.init_classifier(jax.random.PRNGKey(0), config))
+    params, batch_stats = _randomized(params, 2), _randomized(batch_stats, 3)
+    assert jax.tree.leaves(batch_stats)
+    checkpoint.save_model(tmp_path / "clas", config, params, [f"t{i}" for i in range(12)], batch_stats=batch_stats,
+                          classes=["a", "b", "c"])
+    model = checkpoint.load_model(tmp_path / "clas")
+    assert model["config"] == config and model["classes"] == ["a", "b", "c"]
+    for loaded, saved in ((model["params"], params), (model["batch_stats"], batch_stats)):
+        assert jax.tree.structure(loaded) == jax.tree.structure(saved)
+        jax.tree.map(np.testing.assert_array_equal, loaded, saved)
+    encoder_config, encoder_params, _ = checkpoint.load_encoder(tmp_path / "clas")
+    assert encoder_config == config.encoder
+    jax.tree.map(np.testing.assert_array_equal, encoder_params, params["encoder"])
+
+
+@pytest.fixture
+def sentencepiece_model(tmp_path_factory):
+    pytest.importorskip("sentencepiece")
+    from ulmfit_jax.text.tokenizers import train_sentencepiece
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefghij"), size=rng.integers(2, 7))) for _ in range(300)]
+    texts = ["xxbos " + " ".join(rng.choice(words, size=12)) for _ in range(200)]
+    return train_sentencepiece(texts, str(tmp_path_factory.mktemp("spm") / "spm"))
+
+
+def test_the_tokenizer_is_kept_beside_the_vocabulary(tmp_path, sentencepiece_model):
+    from ulmfit_jax.text.tokenizers import TokenizerSettings
+    config = awd_lstm_lm_config(12, emb_size=4, n_hidden=6, n_layers=1)
+    params = jax.tree.map(np.asarray, models.init_language_model(jax.random.PRNGKey(0), config))
+    vocab = [f"t{i}" for i in range(12)]
+    spm = TokenizerSettings(kind="sentencepiece", sentencepiece_model=sentencepiece_model, add_eos=True)
+    checkpoint.save_model(tmp_path / "lm", config, params, vocab, tokenizer=spm)
+    assert (tmp_path / "lm" / "spm.model").read_bytes() == open(sentencepiece_model, "rb").read()
+    record = json.loads((tmp_path / "lm" / "tokenizer.json").read_text())
+    assert record["kind"] == "sentencepiece" and record["sentencepiece_model"] == "spm.model" and record["add_eos"]
+    loaded = checkpoint.load_model(tmp_path / "lm")["tokenizer"]
+    assert loaded == dataclasses.replace(spm, sentencepiece_model=str(tmp_path / "lm" / "spm.model"))
+    assert checkpoint.same_tokenizer(loaded, spm) and not checkpoint.same_tokenizer(loaded, TokenizerSettings())
+    # the directory stands alone: the model it was copied from may go
+    os.remove(sentencepiece_model)
+    assert checkpoint.load_tokenizer(tmp_path / "lm") == loaded
+
+    # saved over with another tokenizer, or with none: nothing stale is left behind
+    fast = TokenizerSettings(post_rules=())
+    checkpoint.save_model(tmp_path / "lm", config, params, vocab, tokenizer=fast)
+    assert not (tmp_path / "lm" / "spm.model").exists() and checkpoint.read_tokenizer(tmp_path / "lm") == fast
+    checkpoint.save_model(tmp_path / "lm", config, params, vocab)
+    assert checkpoint.read_tokenizer(tmp_path / "lm") is None
+
+
+@pytest.mark.parametrize("record,error,message", [
+    ({"kind": "bpe"}, ValueError, "tokenizer kind must be one of"),
+    ({"kind": "fast", "pre_rules": ["no_such_rule"]}, ValueError, "unknown rule names"),
+    ({"kind": "fast", "pre_rules": "lowercase"}, ValueError, "must be a list of rule names"),
+    ({"kind": "fast", "lowercase": True}, ValueError, "unknown tokenizer settings"),
+    ({"kind": "sentencepiece", "sentencepiece_model": "spm.model"}, FileNotFoundError, "spm.model, which is missing"),
+    ({"kind": "sentencepiece", "sentencepiece_model": "../elsewhere/spm.model"}, ValueError, "a file name in"),
+    (["fast"], ValueError, "must be a JSON object"),
+])
+def test_a_bad_tokenizer_record_is_a_clear_error(classifier_model, record, error, message):
+    directory = classifier_model[0]
+    (directory / "tokenizer.json").write_text(json.dumps(record))
+    with pytest.raises(error, match=message) as raised:
+        checkpoint.load_model(directory)
+    assert "tokenizer.json" in str(raised.value)
+    (directory / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="tokenizer.json is not valid JSON"):
+        checkpoint.load_model(directory)
+
+
+def test_an_older_directory_loads_the_default_tokenizer_with_a_one_line_warning(classifier_model, capsys):
+    from ulmfit_jax.text.tokenizers import TokenizerSettings
+    directory = classifier_model[0]
+    assert checkpoint.load_model(directory)["tokenizer"] is None
+    assert capsys.readouterr().err == ""                     # loading the parameters alone says nothing
+    assert checkpoint.load_tokenizer(directory) == TokenizerSettings()
+    warning = capsys.readouterr().err
+    assert warning.count("\n") == 1 and "records no tokenizer" in warning and str(directory) in warning

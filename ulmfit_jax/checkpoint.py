@@ -9,6 +9,15 @@ A model directory holds
                   array under its path plus "/__empty_dict__" or "/__empty_list__"
     vocab.json    the vocabulary, a JSON list of token strings (index = id)
     classes.json  classifier only: the class names (index = label id)
+    tokenizer.json  how raw text became the vocabulary's tokens: `TokenizerSettings` as JSON (kind,
+                  pre- and post-rules by name, add_eos, ...), the layout of the prepared data's
+                  `meta.json` "tokenizer"; for SentencePiece its "sentencepiece_model" is
+                  "spm.model", a file name in this directory
+    spm.model     SentencePiece only: the trained model itself, copied in, so that the directory
+                  tokenizes text without the data folder it was trained from
+
+A directory written before tokenizer.json existed loads with `tokenizer` None; `load_tokenizer`
+then gives the default tokenizer and says so on stderr (one line).
 
 `.npz` files are read with `allow_pickle=False`.
 """
@@ -18,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -25,6 +35,10 @@ from pathlib import Path
 import numpy as np
 
 from ulmfit_jax.config import ClassifierConfig, EncoderConfig, LanguageModelConfig
+from ulmfit_jax.text.tokenizers import TokenizerSettings
+
+TOKENIZER_FILE = "tokenizer.json"
+SENTENCEPIECE_FILE = "spm.model"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,10 +152,93 @@ def write_json(path: Path, data) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Tokenizer settings <-> JSON (a model directory's tokenizer.json, a prepared data folder's meta.json)
+
+def tokenizer_record(settings: TokenizerSettings) -> dict:
+    """`TokenizerSettings` -> JSON-able dict; a SentencePiece model is named by its file name in the
+    folder that holds the record ("spm.model"), not by the path it was read from."""
+    record = dataclasses.asdict(settings)
+    record["pre_rules"], record["post_rules"] = list(settings.pre_rules), list(settings.post_rules)
+    if settings.kind == "sentencepiece":
+        record["sentencepiece_model"] = SENTENCEPIECE_FILE
+    else:
+        record["sentencepiece_model"] = None
+    return record
+
+
+def tokenizer_from_record(record, folder, source: str = "") -> TokenizerSettings:
+    """A tokenizer record (`tokenizer_record`'s layout) -> `TokenizerSettings`, its SentencePiece
+    model resolved inside `folder`. `source` names the file in errors. ValueError for anything
+    that is not such a record (unknown keys, kinds or rule names, a SentencePiece model outside
+    the folder); FileNotFoundError when the SentencePiece model it names is missing."""
+    folder = Path(folder)
+    source = source or str(folder)
+    if not isinstance(record, dict):
+        raise ValueError(f"{source}: the tokenizer settings must be a JSON object, got {type(record).__name__}")
+    known = {field.name for field in dataclasses.fields(TokenizerSettings)}
+    unknown = sorted(set(record) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown tokenizer settings {unknown} (known: {sorted(known)})")
+    fields = dict(record)
+    for name in ("pre_rules", "post_rules"):
+        if name in fields:
+            if not isinstance(fields[name], list) or not all(isinstance(rule, str) for rule in fields[name]):
+                raise ValueError(f"{source}: {name} must be a list of rule names, got {fields[name]!r}")
+            fields[name] = tuple(fields[name])
+    model = fields.get("sentencepiece_model")
+    if fields.get("kind") == "sentencepiece":
+        if not isinstance(model, str) or not model or Path(model).name != model:
+            raise ValueError(f"{source}: a SentencePiece tokenizer names its model as a file name in {folder}, "
+                             f"got {model!r}")
+        path = folder / model
+        if not path.is_file():
+            raise FileNotFoundError(f"{source} names the SentencePiece model {model}, which is missing from {folder}")
+        fields["sentencepiece_model"] = str(path)
+    else:
+        fields["sentencepiece_model"] = None
+    try:
+        return TokenizerSettings(**fields)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{source}: {error}") from None
+
+
+def same_tokenizer(a: TokenizerSettings, b: TokenizerSettings) -> bool:
+    """Whether two settings give the same tokens: the same kind, rules and add_eos and, for
+    SentencePiece, a model file of the same bytes (wherever each lies)."""
+    tokens = ("kind", "pre_rules", "post_rules", "add_eos")      # the rest only trains a SentencePiece model
+    if any(getattr(a, name) != getattr(b, name) for name in tokens):
+        return False
+    if a.kind != "sentencepiece":
+        return True
+    return Path(a.sentencepiece_model).read_bytes() == Path(b.sentencepiece_model).read_bytes()
+
+
+def describe_tokenizer(settings: TokenizerSettings) -> str:
+    """One line for messages: the kind and what differs from the defaults."""
+    default = tokenizer_record(TokenizerSettings(kind=settings.kind))
+    changed = {k: v for k, v in tokenizer_record(settings).items() if default.get(k) != v}
+    return settings.kind + (f" {changed}" if changed else "")
+
+
+# ----------------------------------------------------------------------------------------------
 # Model directories
 
-def save_model(directory, config, params, vocab: list[str], *, batch_stats=None, classes=None) -> None:
+def save_model(directory, config, params, vocab: list[str], *, batch_stats=None, classes=None,
+               tokenizer: TokenizerSettings | None = None) -> None:
+    """Write a model directory (layout in the module docstring). `tokenizer`: the settings the
+    vocabulary's text was tokenized with (a prepared data folder's, `cli.data_tokenizer`); for
+    SentencePiece its model file is copied into the directory. None writes no tokenizer.json
+    (and removes one left by an earlier model in the same directory)."""
     directory = Path(directory)
+    spm_bytes = None
+    if tokenizer is not None and tokenizer.kind == "sentencepiece":
+        if tokenizer.sentencepiece_model is None:
+            raise ValueError("a SentencePiece tokenizer without its model cannot be saved: "
+                             "settings.sentencepiece_model is None")
+        spm_bytes = Path(tokenizer.sentencepiece_model).read_bytes()
+    for stale, keep in ((TOKENIZER_FILE, tokenizer is not None), (SENTENCEPIECE_FILE, spm_bytes is not None)):
+        if not keep:
+            (directory / stale).unlink(missing_ok=True)
     flat = flatten_tree(params)
     if batch_stats is not None:
         flat.update({f"batch_stats/{k}": v for k, v in flatten_tree(batch_stats).items()})
@@ -149,16 +246,48 @@ def save_model(directory, config, params, vocab: list[str], *, batch_stats=None,
     write_json(directory / "vocab.json", list(vocab))
     if classes is not None:
         write_json(directory / "classes.json", list(classes))
+    if spm_bytes is not None:
+        _atomic_write(directory / SENTENCEPIECE_FILE, lambda handle: handle.write(spm_bytes))
+    if tokenizer is not None:
+        write_json(directory / TOKENIZER_FILE, tokenizer_record(tokenizer))
     write_json(directory / "config.json", config_to_dict(config))
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error})") from None
+
+
+def read_tokenizer(directory) -> TokenizerSettings | None:
+    """The tokenizer a model directory records (tokenizer.json), or None for a directory without one."""
+    path = Path(directory) / TOKENIZER_FILE
+    if not path.is_file():
+        return None
+    return tokenizer_from_record(_read_json(path), directory, str(path))
+
+
+def load_tokenizer(directory) -> TokenizerSettings:
+    """The tokenizer to read raw text for a model directory with: the one it records, else (a
+    directory written before tokenizer.json existed) the default `TokenizerSettings()`, with a
+    one-line warning on stderr."""
+    settings = read_tokenizer(directory)
+    if settings is None:
+        settings = TokenizerSettings()
+        print(f"warning: {directory} records no tokenizer (no {TOKENIZER_FILE}): using the default, "
+              f"{describe_tokenizer(settings)} with fastai's rules", file=sys.stderr, flush=True)
+    return settings
+
+
 def load_model(directory) -> dict:
-    """-> {"config", "params", "vocab", "batch_stats" (classifier), "classes" (classifier)}."""
+    """-> {"config", "params", "vocab", "tokenizer" (TokenizerSettings, or None where the directory
+    records none), "batch_stats" (classifier), "classes" (classifier)}."""
     directory = Path(directory)
     for name in ("config.json", "params.npz", "vocab.json"):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory} is not a ulmfit_jax model directory: {name} is missing")
-    config = config_from_dict(json.loads((directory / "config.json").read_text()))
+    config = config_from_dict(_read_json(directory / "config.json"))
     try:
         with np.load(directory / "params.npz", allow_pickle=False) as archive:
             flat = {k: archive[k] for k in archive.files}
@@ -167,25 +296,28 @@ def load_model(directory) -> dict:
             from error
     stats = {k[len("batch_stats/"):]: v for k, v in flat.items() if k.startswith("batch_stats/")}
     params = unflatten_tree({k: v for k, v in flat.items() if not k.startswith("batch_stats/")})
-    vocab = json.loads((directory / "vocab.json").read_text())
+    vocab = _read_json(directory / "vocab.json")
     vocab_size = (config if isinstance(config, EncoderConfig) else config.encoder).vocab_size
     if len(vocab) != vocab_size:
         raise ValueError(f"{directory}: vocab.json has {len(vocab)} tokens, the model {vocab_size}")
-    model = {"config": config, "params": params, "vocab": vocab}
+    model = {"config": config, "params": params, "vocab": vocab, "tokenizer": read_tokenizer(directory)}
     if isinstance(config, ClassifierConfig):
         model["batch_stats"] = unflatten_tree(stats)
         classes_file = directory / "classes.json"
-        model["classes"] = json.loads(classes_file.read_text()) if classes_file.is_file() else None
+        model["classes"] = _read_json(classes_file) if classes_file.is_file() else None
     return model
 
 
-def save_encoder(directory, config: EncoderConfig, encoder_params, vocab: list[str]) -> None:
-    """fastai's `save_encoder`: the part of a model that moves into a new one (embedding + RNN)."""
-    save_model(directory, config, encoder_params, vocab)
+def save_encoder(directory, config: EncoderConfig, encoder_params, vocab: list[str], *,
+                 tokenizer: TokenizerSettings | None = None) -> None:
+    """fastai's `save_encoder`: the part of a model that moves into a new one (embedding + RNN),
+    with the vocabulary's tokenizer."""
+    save_model(directory, config, encoder_params, vocab, tokenizer=tokenizer)
 
 
 def load_encoder(directory) -> tuple[EncoderConfig, dict, list[str]]:
-    """fastai's `load_encoder`, from an encoder directory or any model directory (its encoder part)."""
+    """fastai's `load_encoder`, from an encoder directory or any model directory (its encoder part).
+    Its tokenizer: `read_tokenizer(directory)`."""
     model = load_model(directory)
     config = model["config"]
     if isinstance(config, EncoderConfig):
