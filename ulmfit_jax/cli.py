@@ -276,6 +276,44 @@ def load_data(args):
         raise SystemExit(f"error: {error}")
 
 
+def data_tokenizer(folder):
+    """The tokenizer a prepared data folder was made with (its meta.json "tokenizer", the
+    SentencePiece model resolved to the folder's spm.model): what the models trained on it must
+    tokenize raw text with. None for a folder whose meta.json records none."""
+    from ulmfit_jax import checkpoint
+    meta_path = Path(folder) / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{folder} is not prepared data: meta.json is missing") from None
+    except ValueError as error:
+        raise ValueError(f"{meta_path} is not valid JSON ({error})") from None
+    record = meta.get("tokenizer") if isinstance(meta, dict) else None
+    if record is None:
+        return None
+    return checkpoint.tokenizer_from_record(record, folder, f'{meta_path} ("tokenizer")')
+
+
+def checked_data_tokenizer(folder):
+    """`data_tokenizer` for a script: a bad record exits with a one-line error."""
+    try:
+        return data_tokenizer(folder)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}")
+
+
+def run_data_folder(out: Path) -> Path | None:
+    """The prepared data a run trains on: its `--data`, as recorded in `out/run.json` (None
+    where there is no such record)."""
+    from ulmfit_jax import runs
+    try:
+        settings = json.loads((Path(out) / runs.SETTINGS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    data = settings.get("data") if isinstance(settings, dict) else None
+    return Path(data) if isinstance(data, str) else None
+
+
 def split_documents(data, names):
     """Concatenated documents (and labels) of the named splits that exist."""
     import numpy as np
@@ -327,13 +365,15 @@ def fit_language_model_from_args(args, params, config, vocab, train_documents, v
     """pretrain_lm.py and finetune_lm.py: fit, keep best and last, log. -> (params, history, throughput)."""
     from ulmfit_jax import train
     log = RunLog(args.out, stage_name)
+    tokenizer = checked_data_tokenizer(args.data)
 
     def fit(checkpointer):
         return train.fit_language_model(
             params, config, train_documents, valid_documents, stages, batch_size=args.bs, bptt=args.bptt,
             seed=args.seed, backwards=args.backwards, max_steps=args.max_steps, compute_dtype=compute_dtype(args),
             checkpointer=checkpointer, log=log, progress=_main_process(), **loop_options(args),
-            on_epoch_end=best_and_last(args.out, config, vocab, "valid_loss", lower_is_better=True))
+            on_epoch_end=best_and_last(args.out, config, vocab, "valid_loss", lower_is_better=True,
+                                       tokenizer=tokenizer))
 
     try:
         return run_training(fit, log, time.time(), args.out / "checkpoints")
@@ -347,25 +387,31 @@ def loop_options(args) -> dict:
             "quick_compile": {"auto": None, "on": True, "off": False}[args.quick_compile]}
 
 
-def best_and_last(out: Path, config, vocab, metric: str, lower_is_better: bool, *, classes=None):
+def best_and_last(out: Path, config, vocab, metric: str, lower_is_better: bool, *, classes=None, tokenizer=None):
     """An `on_epoch_end` that keeps `out/last` and the best epoch by `metric` in `out/best` (process 0).
     The best epoch's record goes with it (`out/best/record.json`), so that a resumed run compares
-    with the epochs before it too."""
+    with the epochs before it too. Both model directories record `tokenizer` (the data's
+    `TokenizerSettings`, SentencePiece model copied in); None: that of the run's `--data`
+    (`out/run.json`, written by `start`), so that a model always says how to read raw text."""
     from ulmfit_jax import checkpoint, parallel
     record_file = out / "best" / "record.json"
     best = {"value": json.loads(record_file.read_text()).get(metric) if record_file.is_file() else None}
+    if tokenizer is None and _main_process():
+        data = run_data_folder(out)
+        tokenizer = checked_data_tokenizer(data) if data is not None else None
 
     def on_epoch_end(record, params, carry):
         if not _main_process():
             return
         host = parallel.to_host(params)
         stats = parallel.to_host(carry) if classes is not None else None
-        checkpoint.save_model(out / "last", config, host, vocab, batch_stats=stats, classes=classes)
+        save = dict(batch_stats=stats, classes=classes, tokenizer=tokenizer)
+        checkpoint.save_model(out / "last", config, host, vocab, **save)
         value = record.get(metric)
         if value is None:
             return
         if best["value"] is None or (value < best["value"] if lower_is_better else value > best["value"]):
             best["value"] = value
-            checkpoint.save_model(out / "best", config, host, vocab, batch_stats=stats, classes=classes)
+            checkpoint.save_model(out / "best", config, host, vocab, **save)
             checkpoint.write_json(record_file, record)
     return on_epoch_end
