@@ -6,7 +6,9 @@
   python scripts/evaluate.py --ensemble runs/fwd/best runs/bwd/best --data data/trec --split test
 
 `--ensemble FWD BWD` averages a forward and a backward classifier's probabilities (the backward one
-reads every document reversed). The last stdout line is JSON of the metrics.
+reads every document reversed). The models are loaded with `ulmfit_jax.load_classifier` /
+`load_language_model`; the data must have been prepared with the model's vocabulary and the
+tokenizer its directory records (refused otherwise). The last stdout line is JSON of the metrics.
 """
 
 import argparse
@@ -18,11 +20,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-from ulmfit_jax import checkpoint, ensemble, metrics  # noqa: E402
-from ulmfit_jax.config import LanguageModelConfig  # noqa: E402
-from ulmfit_jax.evaluation import evaluate_language_model  # noqa: E402
+from ulmfit_jax import checkpoint, cli, metrics  # noqa: E402
+from ulmfit_jax.inference import load_classifier, load_language_model, model_kind  # noqa: E402
 from ulmfit_jax.text.batches import concatenate_documents  # noqa: E402
 from ulmfit_jax.text.datasets import load_prepared  # noqa: E402
+
+
+def check_tokenizers(directories, data_folder) -> None:
+    """Refuse data tokenized otherwise than a model's directory records (a directory that records
+    no tokenizer is not checked: it warns when loaded)."""
+    data_tokenizer = cli.data_tokenizer(data_folder)
+    for directory in directories:
+        recorded = checkpoint.read_tokenizer(directory)
+        if recorded is not None and data_tokenizer is not None and not checkpoint.same_tokenizer(recorded,
+                                                                                                  data_tokenizer):
+            raise ValueError(f"{data_folder} was tokenized with {checkpoint.describe_tokenizer(data_tokenizer)}, "
+                             f"the model {directory} with {checkpoint.describe_tokenizer(recorded)}: prepare the "
+                             "data with the model's tokenizer")
 
 
 def main(argv=None):
@@ -36,31 +50,42 @@ def main(argv=None):
     parser.add_argument("--bptt", type=int, default=70, help="LM window length")
     parser.add_argument("--backwards", action="store_true", help="the model reads reversed documents")
     args = parser.parse_args(argv)
-    data = load_prepared(args.data)
+    try:
+        data = load_prepared(args.data)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}")
     if args.split not in data.splits:
         raise SystemExit(f"error: {args.data} has no split {args.split!r} (it has {sorted(data.splits)})")
     split = data.splits[args.split]
-    loaded = [checkpoint.load_model(p) for p in (args.ensemble or [args.model])]
-    for model in loaded:
-        if model["vocab"] != data.vocab:
+    directories = args.ensemble or [args.model]
+    try:
+        kind = model_kind(directories[0])
+        if kind == "language_model":
+            if args.ensemble:
+                raise SystemExit("error: --ensemble takes classifiers")
+            model = load_language_model(args.model)
+        else:
+            model = load_classifier(directories[0], args.ensemble[1] if args.ensemble else None,
+                                    backwards=args.backwards and not args.ensemble, batch_size=args.bs)
+        if model.vocab != data.vocab:
             raise SystemExit("error: the model's vocabulary is not the data's: prepare the data with "
                              "--vocab MODEL/vocab.json")
-    first = loaded[0]
-    if isinstance(first["config"], LanguageModelConfig):
-        if args.ensemble:
-            raise SystemExit("error: --ensemble takes classifiers")
+        check_tokenizers(directories, args.data)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}")
+    if kind == "language_model":
         stream = concatenate_documents(split.documents, backwards=args.backwards)
-        result = evaluate_language_model(first["params"], first["config"], stream, batch_size=args.bs, bptt=args.bptt)
+        try:
+            result = model.evaluate_ids(stream, batch_size=args.bs, bptt=args.bptt)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}")
     else:
         if split.labels is None:
             raise SystemExit(f"error: split {args.split!r} has no labels")
-        if first.get("classes") is not None and data.classes is not None and first["classes"] != data.classes:
-            raise SystemExit(f"error: the model's classes {first['classes']} are not the data's {data.classes}")
-        if args.ensemble:
-            probabilities = ensemble.ensemble_probabilities(loaded[0], loaded[1], split.documents, args.bs)
-        else:
-            probabilities = ensemble.classifier_probabilities(first, split.documents, backwards=args.backwards,
-                                                              batch_size=args.bs)
+        classes = model.model.get("classes")
+        if classes is not None and data.classes is not None and classes != data.classes:
+            raise SystemExit(f"error: the model's classes {classes} are not the data's {data.classes}")
+        probabilities = model.probabilities(split.documents)
         result = metrics.classification_metrics(probabilities, np.asarray(split.labels))
         result["documents"] = len(split.documents)
     print(json.dumps({"split": args.split, **result}))

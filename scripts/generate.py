@@ -3,13 +3,13 @@
 
   python scripts/generate.py --model DIR --prompt "The history of" --n-words 40 --temperature 0.75
 
-The prompt is tokenized as in training (fastai's rules and the default tokenizer, so `xxbos`
-first), run once, then the new tokens are sampled in one compiled loop (`ulmfit_jax.generate`).
-`--n-words` counts tokens, as fastai's `LMLearner.predict(n_words=...)` does. With `--backwards` (a backwards LM)
-the model writes what comes before the prompt. The last stdout line is JSON:
-{"prompt", "text": prompt and continuation detokenized, "tokens": the generated tokens in reading
-order, "seconds": wall time of the generation, compiles included, "tokens_per_s": generated tokens
-per second of it}.
+The prompt is tokenized as the model's training text was (the tokenizer its directory records;
+fastai's rules, so `xxbos` first), run once, then the new tokens are sampled in one compiled loop
+(`ulmfit_jax.load_language_model(DIR).generate`). `--n-words` counts tokens, as fastai's
+`LMLearner.predict(n_words=...)` does. With `--backwards` (a backwards LM) the model writes what
+comes before the prompt. The last stdout line is JSON: {"prompt", "text": prompt and continuation
+detokenized, "tokens": the generated tokens in reading order, "seconds": wall time of the
+generation, compiles included, "tokens_per_s": generated tokens per second of it}.
 """
 
 import argparse
@@ -20,12 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import jax  # noqa: E402
-
-from ulmfit_jax import checkpoint, generate  # noqa: E402
-from ulmfit_jax.config import LanguageModelConfig  # noqa: E402
-from ulmfit_jax.text import rules, vocab as text_vocab  # noqa: E402
-from ulmfit_jax.text.tokenizers import TextTokenizer  # noqa: E402
+from ulmfit_jax import generate  # noqa: E402
+from ulmfit_jax.inference import load_language_model  # noqa: E402
 
 
 def main(argv=None):
@@ -48,27 +44,15 @@ def main(argv=None):
     try:
         sampling = generate.Sampling(temperature=args.temperature, top_k=args.top_k, min_p=args.min_p,
                                      no_unk=args.no_unk)
-        model = checkpoint.load_model(args.model)
-        if not isinstance(model["config"], LanguageModelConfig):
-            raise ValueError(f"{args.model} holds a classifier, not a language model")
-        vocab = model["vocab"]
-        tokens = generate.prompt_tokens(args.prompt, TextTokenizer(), backwards=args.backwards)
-        ids = text_vocab.numericalize(tokens, text_vocab.token_to_id(vocab))
+        model = load_language_model(args.model)
         start = time.perf_counter()
-        out = generate.generate(model["params"], ids[None], args.n_words, jax.random.PRNGKey(args.seed),
-                                config=model["config"], sampling=sampling, window=args.window)[0]
+        out = model.generate(args.prompt, args.n_words, sampling=sampling, seed=args.seed,
+                             backwards=args.backwards, window=args.window)
         seconds = time.perf_counter() - start
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}")
-    new_tokens = text_vocab.denumericalize(out, vocab)
-    prompt_tokens = text_vocab.denumericalize(ids, vocab)
-    if args.backwards:
-        new_tokens, prompt_tokens = new_tokens[::-1], prompt_tokens[::-1]
-        text = rules.detokenize(new_tokens + prompt_tokens)
-    else:
-        text = rules.detokenize(prompt_tokens + new_tokens)
-    print(json.dumps({"prompt": args.prompt, "text": text, "tokens": new_tokens, "seconds": round(seconds, 4),
-                      "tokens_per_s": round(len(out) / seconds, 1)}))
+    print(json.dumps({"prompt": args.prompt, "text": out.text, "tokens": out.tokens, "seconds": round(seconds, 4),
+                      "tokens_per_s": round(len(out.tokens) / seconds, 1)}))
 
 
 if __name__ == "__main__":

@@ -4,8 +4,11 @@
   echo "What is the capital of France ?" | python scripts/predict.py --model runs/clas/best
   python scripts/predict.py --model runs/fwd/best --backward-model runs/bwd/best --input texts.txt
 
-Each output line: {"text": ..., "label": ..., "probabilities": {class: p, ...}}. The texts go through the
-same tokenizer rules as prepare_data.py (the default `fast` tokenizer).
+Each output line: {"text": ..., "label": ..., "probabilities": {class: p, ...}}, for every non-blank
+input line in order. The texts are read with the tokenizer the model directory records (the one
+its data was prepared with: rules, `fast` / `spacy` / SentencePiece with its own model file); a
+directory without one gets the default and a warning on stderr. This is `ulmfit_jax.load_classifier`
+and its `predict`.
 """
 
 import argparse
@@ -15,10 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ulmfit_jax import checkpoint, ensemble  # noqa: E402
-from ulmfit_jax.config import ClassifierConfig  # noqa: E402
-from ulmfit_jax.text.pipeline import tokenize_corpus  # noqa: E402
-from ulmfit_jax.text.vocab import token_to_id  # noqa: E402
+from ulmfit_jax.inference import load_classifier  # noqa: E402
 
 
 def main(argv=None):
@@ -28,24 +28,25 @@ def main(argv=None):
     parser.add_argument("--input", type=Path, help="text file, one text a line (default: stdin)")
     parser.add_argument("--bs", type=int, default=64)
     args = parser.parse_args(argv)
-    forward = checkpoint.load_model(args.model)
-    if not isinstance(forward["config"], ClassifierConfig):
-        raise SystemExit(f"error: {args.model} is not a classifier")
-    lines = (args.input.read_text(encoding="utf-8", errors="replace") if args.input else sys.stdin.read()).splitlines()
+    try:
+        classifier = load_classifier(args.model, args.backward_model, batch_size=args.bs)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}")
+    try:
+        lines = (args.input.read_text(encoding="utf-8", errors="replace") if args.input
+                 else sys.stdin.read()).splitlines()
+    except OSError as error:
+        raise SystemExit(f"error: {error}")
     texts = [line for line in lines if line.strip()]
     if not texts:
         raise SystemExit("error: no text to classify")
-    documents = tokenize_corpus(texts, n_workers=0, use_cache=False, progress=False).numericalize(
-        token_to_id(forward["vocab"]))
-    if args.backward_model is not None:
-        probabilities = ensemble.ensemble_probabilities(forward, checkpoint.load_model(args.backward_model),
-                                                        documents, args.bs)
-    else:
-        probabilities = ensemble.classifier_probabilities(forward, documents, batch_size=args.bs)
-    classes = forward.get("classes") or [str(i) for i in range(probabilities.shape[1])]
-    for text, row in zip(texts, probabilities):
-        print(json.dumps({"text": text, "label": classes[int(row.argmax())],
-                          "probabilities": {c: round(float(p), 6) for c, p in zip(classes, row)}}))
+    labels, probabilities = classifier.predict(texts)
+    classes = classifier.classes
+    sys.stdout.write("".join(
+        json.dumps({"text": text, "label": label,
+                    "probabilities": {c: round(float(p), 6) for c, p in zip(classes, row)}}) + "\n"
+        for text, label, row in zip(texts, labels, probabilities)))
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import numpy as np
 
 from ulmfit_jax import encoder, models
 from ulmfit_jax.config import LanguageModelConfig
-from ulmfit_jax.text.rules import UNK_ID
+from ulmfit_jax.text.rules import BOS, UNK_ID
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +201,7 @@ def prompt_tokens(text: str, tokenizer, backwards: bool = False) -> list[str]:
         raise ValueError("the prompt is empty")
     tokens = tokenizer(text)
     if backwards:
-        tokens = [t for t in tokens if t != "xxbos"][::-1]
+        tokens = [t for t in tokens if t not in (BOS, "\u2581" + BOS)][::-1]     # a SentencePiece piece: '▁xxbos'
     if not tokens:
         raise ValueError(f"the prompt {text!r} has no tokens")
     return tokens
