@@ -124,8 +124,8 @@ class LanguageModelRun:
         optimizer = optax.adam(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS)
 
         def loss_fn(params, tokens, targets, state, key):
-            dropped, raw, new_state = models.language_model_hidden(params, tokens, state, config=config,
-                                                                   train=True, key=key)
+            dropped, new_state, (raw, _) = models.language_model_hidden(params, tokens, state, config=config,
+                                                                        train=True, key=key)
             if loss_kind == "fused":
                 ce = losses.fused_linear_cross_entropy(dropped, heads.decoder_weight(params, config),
                                                        params["decoder"]["bias"], targets, chunk_size=chunk_size)

@@ -22,7 +22,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ulmfit_jax import dropout
+from ulmfit_jax import dropout, frozen
 from ulmfit_jax.config import EncoderConfig
 from ulmfit_jax.lstm import init_lstm_params, lstm_layer
 
@@ -102,14 +102,17 @@ def _lstm_stack_layer(layer_params, x, state, *, config, weight_key, train, comp
 
 
 def encoder_apply(params: dict, tokens: jax.Array, state: list, *, config: EncoderConfig,
-                  train: bool = False, key: jax.Array | None = None,
-                  compute_dtype=None) -> tuple[jax.Array, list]:
+                  train: bool = False, key: jax.Array | None = None, compute_dtype=None,
+                  backward: jax.Array | None = None) -> tuple[jax.Array, list]:
     """Run the encoder over one window.
 
     tokens: int32[B, T]; state: from `initial_state` or a previous call.
     Returns (outputs f32[B, T, E]: the last layer's output, no dropout after it; new state).
     `compute_dtype` (e.g. bfloat16) is the dtype of the matmuls' inputs; accumulation, the cell
-    state and the outputs stay float32.
+    state and the outputs stay float32. `backward` (bool[1 + L], traced; `frozen.backward_flags`):
+    whether the backward pass runs through the embedding and through each layer; where it does not,
+    their parameters get zero gradients at no cost. The incoming `state` gets no gradient then (the
+    models detach it anyway). None: plain autodiff.
     """
     if train and key is None:
         raise ValueError("train=True needs a PRNG key for the dropout masks")
@@ -123,14 +126,22 @@ def encoder_apply(params: dict, tokens: jax.Array, state: list, *, config: Encod
     else:
         embed_key = input_key = hidden_key = weight_key = None
 
-    x = embed_tokens(params["embed"], tokens.T, pad_token=config.pad_token,
-                     embed_p=config.embed_p, key=embed_key)                     # [T, B, E]
+    embed = lambda table, other: embed_tokens(table, other[0], pad_token=config.pad_token,
+                                              embed_p=config.embed_p, key=other[1])
+    if backward is None:
+        x = embed(params["embed"], (tokens.T, embed_key))                        # [T, B, E]
+    else:
+        x = frozen.gated(backward[0], embed, params["embed"], (tokens.T, embed_key))
     x = dropout.locked_dropout(input_key, x, config.input_p, time_axis=0)
     new_state = []
     for layer, (layer_params, layer_state) in enumerate(zip(params["rnn"], state)):
         layer_weight_key = None if weight_key is None else jax.random.fold_in(weight_key, layer)
-        x, layer_state = layer_fn(layer_params, x, layer_state, config=config, weight_key=layer_weight_key,
-                                  train=train, compute_dtype=compute_dtype)
+        run = lambda differentiable, other: layer_fn(*differentiable, other[0], config=config, weight_key=other[1],
+                                                     train=train, compute_dtype=compute_dtype)
+        if backward is None:
+            x, layer_state = run((layer_params, x), (layer_state, layer_weight_key))
+        else:
+            x, layer_state = frozen.gated(backward[layer + 1], run, (layer_params, x), (layer_state, layer_weight_key))
         new_state.append(layer_state)
         if layer < config.n_layers - 1 and hidden_key is not None:
             x = dropout.locked_dropout(jax.random.fold_in(hidden_key, layer), x, config.hidden_p, time_axis=0)
@@ -139,7 +150,7 @@ def encoder_apply(params: dict, tokens: jax.Array, state: list, *, config: Encod
 
 def sentence_encoder(params: dict, tokens: jax.Array, *, config: EncoderConfig, bptt: int,
                      max_len: int | None, train: bool = False, key: jax.Array | None = None,
-                     compute_dtype=None) -> tuple[jax.Array, jax.Array]:
+                     compute_dtype=None, backward: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """BPT3C (fastai's `SentenceEncoder`): a document batch in windows of `bptt`, state carried.
 
     tokens: int32[B, S], in fastai's `pad_input_chunk` layout (sorted by length, descending; whole
@@ -150,7 +161,7 @@ def sentence_encoder(params: dict, tokens: jax.Array, *, config: EncoderConfig, 
     real_bs counts rows whose first token of the window is not padding (other rows get zero
     outputs and a zero state); each window's state is detached, so gradients flow within the kept
     windows only, and the windows before them cost no backward pass. Each window draws its own
-    dropout masks, as each fastai module call does.
+    dropout masks, as each fastai module call does. `backward`: as `encoder_apply`'s.
     """
     batch, length = tokens.shape
     n_full, remainder = divmod(length, bptt)
@@ -164,7 +175,7 @@ def sentence_encoder(params: dict, tokens: jax.Array, *, config: EncoderConfig, 
         fed = jnp.arange(batch) < real_bs
         window_key = None if key is None else jax.random.fold_in(key, index)
         outputs, new_state = encoder_apply(params, window, state, config=config, train=train,
-                                           key=window_key, compute_dtype=compute_dtype)
+                                           key=window_key, compute_dtype=compute_dtype, backward=backward)
         outputs = jnp.where(fed[:, None, None], outputs, 0.0)
         new_state = jax.tree.map(lambda s: jnp.where(fed[:, None], s, 0.0), new_state)
         return jax.lax.stop_gradient(new_state), outputs

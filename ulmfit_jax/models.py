@@ -24,19 +24,22 @@ def init_language_model(key: jax.Array, config: LanguageModelConfig) -> dict:
 
 
 def language_model_hidden(params: dict, tokens: jax.Array, state: list, *, config: LanguageModelConfig,
-                          train: bool = False, key: jax.Array | None = None, compute_dtype=None):
+                          train: bool = False, key: jax.Array | None = None, compute_dtype=None,
+                          backward: jax.Array | None = None):
     """Everything up to the decoder. tokens: int32[B, T].
 
-    Returns (dropped f32[B, T, E]: the decoder's input after output dropout, raw f32[B, T, E]: the
-    last layer's output before it (for TAR), new state).
+    Returns (dropped, new state, (raw, dropped)), as `language_model_apply` returns (logits, new
+    state, (raw, dropped)): dropped f32[B, T, E] is the decoder's input after output dropout, raw
+    f32[B, T, E] the last layer's output before it (for TAR). `backward`: `encoder.encoder_apply`'s.
     """
     if train and key is None:
         raise ValueError("train=True needs a PRNG key for the dropout masks")
     encoder_key, output_key = jax.random.split(key) if train else (None, None)
     raw, new_state = encoder.encoder_apply(params["encoder"], tokens, state, config=config.encoder,
-                                           train=train, key=encoder_key, compute_dtype=compute_dtype)
+                                           train=train, key=encoder_key, compute_dtype=compute_dtype,
+                                           backward=backward)
     dropped = dropout.locked_dropout(output_key, raw, config.output_p, time_axis=1)
-    return dropped, raw, new_state
+    return dropped, new_state, (raw, dropped)
 
 
 def language_model_apply(params: dict, tokens: jax.Array, state: list, *, config: LanguageModelConfig,
@@ -45,9 +48,9 @@ def language_model_apply(params: dict, tokens: jax.Array, state: list, *, config
 
     fastai's LM returns the same triple (logits, raw output, dropped output) for AR / TAR.
     """
-    dropped, raw, new_state = language_model_hidden(params, tokens, state, config=config, train=train,
-                                                    key=key, compute_dtype=compute_dtype)
-    return heads.lm_logits(params, dropped, config, compute_dtype), new_state, (raw, dropped)
+    dropped, new_state, hidden = language_model_hidden(params, tokens, state, config=config, train=train,
+                                                       key=key, compute_dtype=compute_dtype)
+    return heads.lm_logits(params, dropped, config, compute_dtype), new_state, hidden
 
 
 @functools.partial(jax.jit, static_argnames="config")
@@ -59,17 +62,19 @@ def init_classifier(key: jax.Array, config: ClassifierConfig) -> tuple[dict, lis
 
 
 def classifier_apply(params: dict, batch_stats: list, tokens: jax.Array, *, config: ClassifierConfig,
-                     train: bool = False, key: jax.Array | None = None, compute_dtype=None):
+                     train: bool = False, key: jax.Array | None = None, compute_dtype=None,
+                     backward: jax.Array | None = None):
     """tokens: int32[B, S] in pad_input_chunk layout -> (logits f32[B, C], new batch_stats, outputs).
 
     `outputs` (f32[B, S_kept, E], the encoder's kept outputs) is what fastai's RNNRegularizer sees.
+    `backward`: `encoder.encoder_apply`'s.
     """
     if train and key is None:
         raise ValueError("train=True needs a PRNG key for the dropout masks")
     encoder_key, head_key = jax.random.split(key) if train else (None, None)
     outputs, is_pad = encoder.sentence_encoder(params["encoder"], tokens, config=config.encoder,
                                                bptt=config.bptt, max_len=config.max_len, train=train,
-                                               key=encoder_key, compute_dtype=compute_dtype)
+                                               key=encoder_key, compute_dtype=compute_dtype, backward=backward)
     pooled = heads.masked_concat_pool(outputs, is_pad, config.bptt)
     logits, new_stats = heads.classifier_head_apply(params["head"], batch_stats, pooled, config=config,
                                                     train=train, key=head_key)

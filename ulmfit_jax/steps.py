@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ulmfit_jax import heads, losses, models, optim
+from ulmfit_jax import frozen, heads, losses, models, optim
 from ulmfit_jax.config import ClassifierConfig, LanguageModelConfig
 
 KINDS = ("lm", "classifier")
@@ -79,10 +79,12 @@ def classifier_batch(batch) -> dict:
 
 
 def language_model_loss(params, carry, batch, key, *, config: LanguageModelConfig,
-                        regularization: RegularizationConfig, compute_dtype=None):
-    """Train mode: cross-entropy (+ label smoothing) + AR + TAR. -> (loss, (new carry, metrics))."""
-    dropped, raw, new_state = models.language_model_hidden(params, batch["inputs"], carry, config=config, train=True,
-                                                           key=key, compute_dtype=compute_dtype)
+                        regularization: RegularizationConfig, compute_dtype=None, backward=None):
+    """Train mode: cross-entropy (+ label smoothing) + AR + TAR. -> (loss, (new carry, metrics)).
+    `backward`: `encoder.encoder_apply`'s."""
+    dropped, new_state, (raw, _) = models.language_model_hidden(
+        params, batch["inputs"], carry, config=config, train=True, key=key, compute_dtype=compute_dtype,
+        backward=backward)
     targets = batch["targets"]
     if not regularization.label_smoothing and compute_dtype is None:
         # never materialises the [B*T, V] logits: the decoder is most of the FLOPs and memory-bound
@@ -98,12 +100,13 @@ def language_model_loss(params, carry, batch, key, *, config: LanguageModelConfi
 
 
 def classifier_loss(params, carry, batch, key, *, config: ClassifierConfig,
-                    regularization: RegularizationConfig, compute_dtype=None):
+                    regularization: RegularizationConfig, compute_dtype=None, backward=None):
     """Train mode: cross-entropy + AR + TAR over the encoder's kept outputs (fastai's RNNRegularizer
-    sees them as both raw and dropped). -> (loss, (new batch statistics, metrics))."""
+    sees them as both raw and dropped). -> (loss, (new batch statistics, metrics)).
+    `backward`: `encoder.encoder_apply`'s."""
     tokens = batch["tokens"]
     logits, new_stats, outputs = models.classifier_apply(params, carry, tokens, config=config, train=True, key=key,
-                                                         compute_dtype=compute_dtype)
+                                                         compute_dtype=compute_dtype, backward=backward)
     loss = losses.cross_entropy(logits, batch["labels"], label_smoothing=regularization.label_smoothing)
     metrics = {"loss": loss}
     mask = batch.get("regularized_mask")
@@ -121,10 +124,11 @@ def make_train_step(kind: str, config, optimizer: optim.StageOptimizer, params_l
     """-> jitted `train_step(state, batch) -> (state, {"loss": f32[]})`, the state donated.
 
     `kind`: "lm" or "classifier"; `params_like`: the parameters (or their `jax.eval_shape`), for the
-    layer groups. `differentiated`: the layer groups the backward pass runs through (None: all). The
-    groups a stage trains must be among them; with None one program serves every stage, with a
-    stage's own groups frozen groups cost no backward compute but each stage compiles its own
-    program. `metrics["loss"]` is the cross-entropy, as fastai reports it; AR and TAR are added
+    layer groups. `differentiated`: the layer groups autodiff differentiates (None: all). The
+    groups a stage trains must be among them. With None one program serves every stage and the
+    backward pass stops, at run time, below the lowest layer the stage trains (`frozen.gated`: a
+    frozen layer with only frozen layers below it costs no backward compute); with a stage's own
+    groups each stage compiles its own program. `metrics["loss"]` is the cross-entropy, as fastai reports it; AR and TAR are added
     to what is differentiated. `compiler_options`: XLA options for the compile (`jax.jit`'s).
     """
     if kind not in KINDS:
@@ -132,17 +136,19 @@ def make_train_step(kind: str, config, optimizer: optim.StageOptimizer, params_l
     loss_fn = functools.partial(language_model_loss if kind == "lm" else classifier_loss, config=config,
                                 regularization=regularization, compute_dtype=compute_dtype)
     labels = optim.layer_group_labels(params_like, kind)
+    n_layers = len(params_like["encoder"]["rnn"])
 
     @functools.partial(jax.jit, donate_argnums=0, compiler_options=compiler_options)
     def train_step(state: TrainState, batch: dict):
         key = jax.random.fold_in(state.key, state.step)
+        backward = frozen.backward_flags(state.opt_state.hyper.trainable, kind, n_layers)
         if differentiated is None:
-            trained, frozen = state.params, jax.tree.map(lambda _: None, state.params)
+            trained, fixed = state.params, jax.tree.map(lambda _: None, state.params)
         else:
-            trained, frozen = optim.split_trainable(state.params, labels, differentiated, train_bn)
-        (_, (carry, metrics)), grads = jax.value_and_grad(
-            lambda t: loss_fn(optim.merge(t, frozen), state.carry, batch, key), has_aux=True)(trained)
-        grads = optim.merge(grads, jax.tree.map(lambda f: None if f is None else jnp.zeros_like(f), frozen,
+            trained, fixed = optim.split_trainable(state.params, labels, differentiated, train_bn)
+        loss = lambda t: loss_fn(optim.merge(t, fixed), state.carry, batch, key, backward=backward)
+        (_, (carry, metrics)), grads = jax.value_and_grad(loss, has_aux=True)(trained)
+        grads = optim.merge(grads, jax.tree.map(lambda f: None if f is None else jnp.zeros_like(f), fixed,
                                                 is_leaf=lambda x: x is None))
         params, opt_state = optimizer.update(grads, state.opt_state, state.params)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
