@@ -8,7 +8,8 @@ Each output line: {"text": ..., "label": ..., "probabilities": {class: p, ...}},
 input line in order. The texts are read with the tokenizer the model directory records (the one
 its data was prepared with: rules, `fast` / `spacy` / SentencePiece with its own model file); a
 directory without one gets the default and a warning on stderr. This is `ulmfit_jax.load_classifier`
-and its `predict`.
+and its `predict`; the compiled forward passes (one per length bucket) are kept in the persistent
+compilation cache (`--compilation-cache`), so a second run loads them.
 """
 
 import argparse
@@ -18,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ulmfit_jax import cli  # noqa: E402
 from ulmfit_jax.inference import load_classifier  # noqa: E402
 
 
@@ -27,7 +29,9 @@ def main(argv=None):
     parser.add_argument("--backward-model", type=Path, help="a backward classifier to ensemble with")
     parser.add_argument("--input", type=Path, help="text file, one text a line (default: stdin)")
     parser.add_argument("--bs", type=int, default=64)
+    cli.add_compilation_cache_flag(parser)
     args = parser.parse_args(argv)
+    cli.use_compilation_cache(args.compilation_cache)
     try:
         classifier = load_classifier(args.model, args.backward_model, batch_size=args.bs)
     except (FileNotFoundError, ValueError) as error:
