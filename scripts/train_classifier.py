@@ -7,7 +7,8 @@ The stages are `--recipe`'s (`ulmfit_jax.recipes`). The default, fastai's tutori
 unfreezing, the head alone for one epoch at `--lr`, then the last two groups at lr/2, the last
 three at lr/4, each for one epoch with discriminative rates `slice(lr_k / 2.6**(groups-1), lr_k)`,
 then every group for `--epochs` at lr/20; `--recipe chain-thaw` (or `--chain-thaw`), `paper`,
-`multifit`, `demo` for the others. Schedules: one-cycle (`--preset fastai`) or STLR (`--preset
+`multifit`, `demo`, `full`, `last` for the others; `--no-discriminative` trains every group at the
+stage's rate. Schedules: one-cycle (`--preset fastai`) or STLR (`--preset
 paper`) unless the recipe sets its own. Without `--encoder` the classifier trains from scratch
 (the fastai recipe: every group, `--epochs` + 3 epochs at lr/4). Validation on
 'valid' / 'dev' (or 10% of train), test metrics at the end when the data has a test split. Writes
@@ -31,8 +32,11 @@ def stages_for(args, n_groups, from_scratch):
     """The run's stages: `--recipe`'s classifier (from scratch without `--encoder`) at `--lr` over
     `--epochs`, under the preset's optimizer settings."""
     recipe = recipes.RECIPES["chain-thaw" if args.chain_thaw else args.recipe]
+    stages = recipe.from_scratch if from_scratch else recipe.classifier
+    if args.no_discriminative:
+        stages = recipes.without_discriminative(stages)
     try:
-        return recipes.training_stages(recipe.from_scratch if from_scratch else recipe.classifier,
+        return recipes.training_stages(stages,
                                        n_groups=n_groups, lr=args.lr, epochs=args.epochs,
                                        optimizer=lambda lr: cli.optimizer_config(args, lr, n_groups))
     except ValueError as error:
@@ -47,7 +51,12 @@ def main(argv=None):
     parser.add_argument("--recipe", choices=list(recipes.RECIPES), default="fastai",
                         help="the stages (ulmfit_jax.recipes; default: fastai's tutorial)")
     parser.add_argument("--chain-thaw", action="store_true", help="the same as --recipe chain-thaw")
+    parser.add_argument("--no-discriminative", action="store_true",
+                        help="every group at the stage's rate (recipes.without_discriminative)")
     args = parser.parse_args(argv)
+    if args.no_discriminative and args.preset == "paper":
+        raise SystemExit("error: --no-discriminative does not go with --preset paper, whose optimizer spreads "
+                         "every rate over the groups")
     if args.chain_thaw and args.recipe not in ("fastai", "chain-thaw"):
         raise SystemExit(f"error: --chain-thaw is --recipe chain-thaw; it does not go with --recipe {args.recipe}")
     cli.start(args)

@@ -162,6 +162,36 @@ def test_demo_settings_keep_their_numbers():
         classifier_bs=64, classifier_drop_mult=0.5, classifier_lr=2e-2, classifier_epochs=12)
 
 
+def test_full_trains_every_group_from_the_start_as_long_as_the_tutorial():
+    """The paper's "Full": the tutorial's epochs (3 + the run's) in one stage of every group, at the
+    rate the tutorial trains every group at."""
+    stages = recipes.training_stages(recipes.FULL.classifier, n_groups=4, optimizer=FASTAI_ADAM, lr=2e-2, epochs=4)
+    assert facts(stages) == [(7, None, optim.Slice(1e-3 / 2.6**3, 1e-3))]
+    tutorial = recipes.training_stages(recipes.FASTAI.classifier, n_groups=4, optimizer=FASTAI_ADAM, lr=2e-2,
+                                       epochs=4)
+    assert sum(s.epochs for s in tutorial) == 7
+    assert recipes.FULL.finetune == recipes.FASTAI.finetune and recipes.FULL.from_scratch == recipes.FASTAI.from_scratch
+
+
+def test_last_trains_the_head_alone_as_long_as_the_tutorial():
+    stages = recipes.training_stages(recipes.LAST.classifier, n_groups=4, optimizer=FASTAI_ADAM, lr=2e-2, epochs=4)
+    assert facts(stages) == [(7, [3], optim.Slice(2e-2 / 2.6**3, 2e-2))]
+    assert recipes.LAST.finetune == recipes.FASTAI.finetune
+
+
+def test_without_discriminative_gives_every_group_the_stages_rate():
+    for recipe in (recipes.FASTAI, recipes.CHAIN_THAW, recipes.FULL, recipes.PAPER):
+        plain = recipes.training_stages(recipes.without_discriminative(recipe.classifier), n_groups=4,
+                                        optimizer=FASTAI_ADAM, lr=2e-2, epochs=4)
+        spread = recipes.training_stages(recipe.classifier, n_groups=4, optimizer=FASTAI_ADAM, lr=2e-2, epochs=4)
+        assert [(e, t) for e, t, _ in facts(plain)] == [(e, t) for e, t, _ in facts(spread)]
+        assert [lr for _, _, lr in facts(plain)] == [max(optim.group_values(lr, 4)) for _, _, lr in facts(spread)]
+        assert all(isinstance(lr, float) for _, _, lr in facts(plain))
+    assert [lr for _, _, lr in facts(recipes.training_stages(
+        recipes.without_discriminative(recipes.FASTAI.classifier), n_groups=4, optimizer=FASTAI_ADAM, lr=2e-2,
+        epochs=4))] == [2e-2, 1e-2, 5e-3, 1e-3]
+
+
 # --------------------------------------------------------------------------- the conversion itself
 
 def test_rates_are_exact_fractions_of_the_base_rate():
@@ -254,6 +284,16 @@ def test_train_classifier_recipe_flag(train_classifier, monkeypatch):
     assert facts(train_classifier.stages_for(args, 4, False))[-1] == (12, None, optim.Slice(5e-3 / 2.6**4, 5e-3))
 
 
+def test_train_classifier_no_discriminative_flag(train_classifier, monkeypatch):
+    args = script_args(train_classifier, CLASSIFIER_ARGV + ["--recipe", "chain-thaw", "--no-discriminative"],
+                       monkeypatch)
+    assert train_classifier.stages_for(args, 5, False) == recipes.training_stages(
+        recipes.without_discriminative(recipes.CHAIN_THAW.classifier), n_groups=5, optimizer=FASTAI_ADAM, lr=2e-2,
+        epochs=2)
+    with pytest.raises(SystemExit, match="--preset paper"):
+        train_classifier.main(CLASSIFIER_ARGV + ["--no-discriminative", "--preset", "paper"])
+
+
 def test_finetune_lm_default_command_line(finetune_lm, monkeypatch):
     """`finetune_lm.py`: the last group for 1 epoch at 1e-2, then all for 10 at 1e-3."""
     argv = ["--data", "d", "--out", "o", "--pretrained", "p"]
@@ -286,7 +326,7 @@ def test_no_stage_list_is_written_out_in_the_scripts():
     """The recipes live in ulmfit_jax/recipes.py alone: no script or benchmark picks trainable groups
     or spreads rates over groups itself."""
     for path in [*(ROOT / "scripts").glob("*.py"), ROOT / "benchmarks" / "bench_trec_recipe.py",
-                 ROOT / "benchmarks" / "bench_small_data.py"]:
+                 ROOT / "benchmarks" / "bench_small_data.py", *(ROOT / "experiments").glob("*.py")]:
         text = path.read_text()
         for code in ("optim.freeze", "optim.unfreeze", "optim.Slice(", "discriminative_lrs(", "FACTOR", "** 4"):
             assert code not in text, f"{path.name}: {code}"

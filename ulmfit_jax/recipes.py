@@ -13,7 +13,12 @@ Recipes held here (`RECIPES`, by the names the scripts' `--recipe` takes):
   Howard & Ruder 2018 compare gradual unfreezing with;
 - `paper`: Howard & Ruder 2018, section 3 (discriminative fine-tuning, STLR, gradual unfreezing);
 - `multifit`: MultiFiT's reference implementation (Eisenschlos et al. 2019);
-- `demo`: the CPU demo's (scripts/demo.py), a short gradual unfreezing for a small model.
+- `demo`: the CPU demo's (scripts/demo.py), a short gradual unfreezing for a small model;
+- `full`, `last`: the classifier's baselines of Howard & Ruder 2018's fine-tuning ablation (their
+  Table 6): every group from the start, or the head alone, for as many epochs as `fastai`'s.
+
+`without_discriminative` turns any recipe's stages into the same stages with one rate for every
+group (the ablation's "without discriminative fine-tuning").
 
 Learning rates are fractions of the base rate (`Fraction(1, 20)`), applied as `lr * numerator /
 denominator`, so `lr / 20` here is bit for bit the `lr / 20` of fastai's own code.
@@ -198,6 +203,13 @@ def training_stages(stages: tuple[StageRecipe, ...], *, n_groups: int, optimizer
     return result
 
 
+def without_discriminative(stages: tuple[StageRecipe, ...]) -> tuple[StageRecipe, ...]:
+    """The stages with every group at the stage's rate (`rates=None`): Howard & Ruder 2018's
+    ablation without discriminative fine-tuning. The optimizer settings then see a plain number,
+    which `--preset paper`'s spread over the groups again: that preset has no such variant."""
+    return tuple(dataclasses.replace(stage, rates=None) for stage in stages)
+
+
 def with_factor(stages: tuple[StageRecipe, ...], factor: float) -> tuple[StageRecipe, ...]:
     """The stages with another discriminative factor (the demo's `--lr-factor`)."""
     return tuple(dataclasses.replace(stage, rates=dataclasses.replace(stage.rates, factor=factor))
@@ -287,7 +299,25 @@ own choice, and the numbers its reported accuracy was measured with), the tutori
 `slice(lr_k / 2.6**4, lr_k)` over the demo's 4 groups; from scratch the tutorial's baseline with
 that slice; fastai's one-cycle throughout."""
 
-RECIPES = {recipe.name: recipe for recipe in (FASTAI, CHAIN_THAW, PAPER, MULTIFIT, DEMO)}
+FULL = dataclasses.replace(
+    FASTAI, name="full",
+    classifier=(StageRecipe(All(), epochs="epochs", extra_epochs=3, lr=Fraction(1, 20)),))
+"""Howard & Ruder 2018's "Full" (Table 6): every group from the first epoch, for as many epochs as
+`fastai`'s gradual unfreezing takes (its three one-group-more epochs + the run's epochs), at the rate
+that recipe trains every group at (lr/20, discriminative `slice(lr_k / 2.6**(groups-1), lr_k)`), one
+one-cycle schedule. What it leaves out against `fastai` is the unfreezing alone. LM fine-tuning and the
+from-scratch classifier are the tutorial's."""
+
+LAST = dataclasses.replace(
+    FASTAI, name="last",
+    classifier=(StageRecipe(Last(1), epochs="epochs", extra_epochs=3, lr=Fraction(1)),))
+"""Howard & Ruder 2018's "Last" (Table 6): the head alone (the encoder stays as LM fine-tuning left
+it), for as many epochs as `fastai`'s recipe, at the rate that recipe trains the head alone at (lr).
+With one group training, discriminative rates make no difference (it trains at lr either way,
+to the last bit of the slice's spacing). LM fine-tuning and the from-scratch
+classifier are the tutorial's."""
+
+RECIPES = {recipe.name: recipe for recipe in (FASTAI, CHAIN_THAW, PAPER, MULTIFIT, DEMO, FULL, LAST)}
 
 
 # --------------------------------------------------------------------------- the demo's settings
