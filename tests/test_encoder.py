@@ -184,19 +184,14 @@ def test_classifier_logits_equal_fastai_on_imdb_reviews_longer_than_max_len(imdb
     assert moved[:3].min() > 1e-2 and moved[3:].max() < 1e-5
 
 
-@pytest.mark.parametrize("bptt", [
-    72,
-    pytest.param(70, marks=pytest.mark.xfail(strict=True, reason=(
-        "BPT3C keeps the windows that start within max_len of the padded width: the bucket of the "
-        "2,893-token review is 2,940 (42 x 70) and 1440 is no multiple of 70, so ours keeps windows "
-        "from 1540 (1,353 tokens), fastai's unpadded batch from 1470 (1,423 tokens)"))),
-])
+@pytest.mark.parametrize("bptt", [72, 70])
 def test_predict_layout_of_a_long_review_alone_gives_fastais_logits(imdb_reviews, bptt):
     """Our own layout (`predict.classifier_batch_settings`: the width rounded up to a multiple of
     bptt, the remainder padded behind the text), the longest review alone, against fastai's
-    prediction of it alone (a batch of one: no padding). Equal with fastai's defaults (bptt 72,
-    max_len 1440 = 20 x 72); not with bptt 70 (strict xfail: passes when the library keeps fastai's
-    windows)."""
+    prediction of it alone (a batch of one: no padding). With bptt 70 the bucket of the 2,893-token
+    review is 2,940 wide and 1440 is no multiple of 70: the windows fastai keeps (from 1470, 1,423
+    tokens) are not those within max_len of our width (from 1540), so they are chosen from the
+    review's own length."""
     from fastai_reference import pad_input_chunk, state_dict_numpy
     vocab_size, documents = imdb_reviews
     config = awd_lstm_clas_config(vocab_size, 2, emb_size=16, n_hidden=24, n_layers=2, bptt=bptt,
@@ -208,3 +203,92 @@ def test_predict_layout_of_a_long_review_alone_gives_fastais_logits(imdb_reviews
     assert batch.tokens.shape[1] % bptt == 0 and batch.tokens.shape[1] > len(documents[0])
     logits, _, _ = models.classifier_apply(params, stats, jnp.asarray(batch.tokens), config=config)
     np.testing.assert_allclose(np.asarray(logits), _fastai_logits(reference, documents[0][None]), atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# BPT3C on our length buckets, golden: a batch padded wider than fastai pads it (to its longest
+# document, L) against fastai 2.8.12 on its own padding of the same documents. The widths: fastai's
+# own (23), L plus whole windows (28, 38: every row shifts alike) and multiples of bptt (25, 30, 45:
+# two rows' shifts can differ by a window, so fastai's window i is our window w for one row and w + 1
+# for another). max_len 12 is no multiple of bptt 5: fastai keeps its windows from 15 (23 - 15 <= 12),
+# which are not ours within 12 of our width. The lengths: documents longer than max_len, whole windows
+# of front padding, a row whose last window is all padding (4 tokens: 19-22 are its trailing pads), and
+# fastai's `real_bs` leaving out a row whose text reaches that window (11 tokens, from 10 to 20: at 20
+# only rows 0, 1, 3 and 4 hold text, so real_bs 4 feeds rows 0-3, the 20-token row's padding among them).
+
+BUCKET_CONFIG = awd_lstm_clas_config(30, 3, drop_mult=0.0, emb_size=6, n_hidden=8, n_layers=2, bptt=5, max_len=12,
+                                     hidden_sizes=(6,), head_ps=(0.0, 0.0))
+BUCKET_LENGTHS = (23, 22, 20, 17, 11, 9, 4)
+ALPHA, BETA = 2.0, 1.0
+
+
+@pytest.mark.parametrize("width", [23, 28, 38, 25, 30, 45])
+def test_classifier_on_any_bucket_width_equals_fastai_on_its_own_padding(width):
+    """Train mode (batch statistics), no dropout: the logits and the gradients of the cross-entropy
+    equal fastai's on every width; with AR and TAR over `fastai_layout_mask(..., max_len)` the loss
+    and gradients too, where the width is L plus whole windows (otherwise fastai's rows can have
+    trailing pads beyond our width, which its regulariser averages over)."""
+    from fastai_reference import fastai_classifier, gradient_dict, pad_input_chunk, state_dict_numpy, torch
+    from ulmfit_jax import losses
+    from ulmfit_jax.text.batches import fastai_layout_mask, pad_input_chunk as our_pad_input_chunk
+    config = BUCKET_CONFIG
+    bptt, pad = config.bptt, config.encoder.pad_token
+    rng = np.random.default_rng(0)
+    documents = [rng.integers(2, config.encoder.vocab_size, size=n) for n in BUCKET_LENGTHS]
+    labels = rng.integers(0, config.n_classes, size=len(documents))
+    theirs = pad_input_chunk(documents, pad, bptt)
+    tokens = our_pad_input_chunk(documents, pad, seq_len=bptt, pad_len=width)
+    assert theirs.shape[1] == 23 and (width == 23) == np.array_equal(tokens, theirs)
+    exact = (width - 23) % bptt == 0
+
+    def fastai_gradients(regularized: bool):
+        reference = fastai_classifier(config, seed=7).train()
+        logits, _, outputs = reference(torch.tensor(theirs))
+        loss = torch.nn.functional.cross_entropy(logits, torch.tensor(labels))
+        if regularized:
+            loss = (loss + ALPHA * outputs.pow(2).mean()
+                    + BETA * (outputs[:, 1:] - outputs[:, :-1]).pow(2).mean())
+        loss.backward()
+        return logits.detach().numpy(), loss.item(), convert.import_classifier(gradient_dict(reference), config)[1]
+
+    _, params, stats = convert.import_classifier(state_dict_numpy(fastai_classifier(config, seed=7)), config)
+    mask = jnp.asarray(fastai_layout_mask(BUCKET_LENGTHS, width, bptt, max_len=config.max_len))
+
+    def loss_fn(params, regularized):
+        logits, _, outputs = models.classifier_apply(params, stats, jnp.asarray(tokens), config=config, train=True,
+                                                     key=jax.random.PRNGKey(0))
+        loss = losses.cross_entropy(logits, jnp.asarray(labels))
+        if regularized:
+            kept = mask[:, width - outputs.shape[1]:]
+            loss = (loss + losses.activation_regularization(outputs, ALPHA, kept)
+                    + losses.temporal_activation_regularization(outputs, BETA, kept))
+        return loss, logits
+
+    for regularized in (False, True) if exact else (False,):
+        expected_logits, expected_loss, expected = fastai_gradients(regularized)
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, regularized)
+        np.testing.assert_allclose(np.asarray(logits), expected_logits, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(float(loss), expected_loss, atol=1e-5, rtol=1e-5)
+        jax.tree.map(lambda g, e: np.testing.assert_allclose(np.asarray(g), e, atol=1e-5, rtol=1e-5), grads, expected)
+
+
+def test_fastai_windows_follow_fastais_feeding_and_keeping_per_row():
+    """`fastai_windows` on the 30-wide bucket of BUCKET_LENGTHS (fastai's 23): the rows of 23, 22, 17
+    and 11 tokens sit a window later than fastai puts them (shift 5), those of 20, 9 and 4 two
+    (shift 10). Our window 25 is fastai's window 20 (real_bs 4) for the first and its 15 (real_bs 7)
+    for the second: every row is fed there but the 11-token row, although its text reaches it.
+    fastai keeps its windows 15 and 20: our 20 and 25 for shift-5 rows, 25 alone for shift-10 ones."""
+    config = BUCKET_CONFIG
+    tokens = np.full((len(BUCKET_LENGTHS), 30), config.encoder.pad_token, np.int32)
+    from ulmfit_jax.text.batches import pad_chunk
+    for row, n in enumerate(BUCKET_LENGTHS):
+        tokens[row] = pad_chunk(np.full(n, 7), 30, config.encoder.pad_token, seq_len=config.bptt)
+    fed, kept = map(np.asarray, encoder.fastai_windows(jnp.asarray(tokens), pad_token=config.encoder.pad_token,
+                                                       bptt=config.bptt, max_len=config.max_len))
+    assert fed.shape == kept.shape == (6, 7)                      # our windows 0, 5, ..., 25 x rows
+    shifts = [5, 5, 10, 5, 5, 10, 10]                             # (30 - n) // 5 * 5 - (23 - n) // 5 * 5
+    for row, shift in enumerate(shifts):
+        window_of = lambda fastai_start: (fastai_start + shift) // config.bptt
+        assert kept[:, row].tolist() == [w in (window_of(15), window_of(20)) for w in range(6)]
+    assert fed[5].tolist() == [True, True, True, True, False, True, True]     # our 25: fastai's 20 or 15
+    assert fed[:, 4].tolist() == [False, False, False, True, True, False]     # the 11-token row: fastai's 10, 15

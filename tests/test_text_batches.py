@@ -291,3 +291,20 @@ def test_merged_lengths_keep_every_batch_of_the_data_on_an_allowed_shape():
     shapes = {batch.tokens.shape[1] for batch in classifier_batches(documents, None, allowed, train=True,
                                                                     rng=np.random.RandomState(0))}
     assert shapes <= set(allowed.lengths)
+
+
+def test_fastai_mask_with_max_len_marks_only_the_windows_fastai_keeps():
+    """fastai keeps the windows starting within max_len of its batch's longest document: with 23
+    tokens, windows of 5 and max_len 12, its columns 15-22. Ours are its columns shifted by whole
+    windows, per row: the 23- and 17-token rows by 5 (30 wide), the 4-token row by 10, cut at 30."""
+    lengths, width = [23, 17, 4], 30
+    everything = fastai_layout_mask(lengths, width, 5)
+    kept = fastai_layout_mask(lengths, width, 5, max_len=12)
+    assert [np.flatnonzero(row).tolist() for row in kept] == [list(range(20, 28)), list(range(20, 28)),
+                                                              list(range(25, 30))]
+    assert np.array_equal(kept, everything & (np.arange(width) >= np.array([[20], [20], [25]])))
+    assert np.array_equal(fastai_layout_mask(lengths, width, 5, max_len=23), everything)
+    settings_ = ClassifierBatchSettings(batch_size=4, seq_len=5, max_len=None, bucket_multiple=5, bpt3c_max_len=12)
+    documents = [np.arange(2, 2 + n, dtype=np.int32) for n in lengths]
+    batch = next(classifier_batches(documents, None, dataclasses.replace(settings_, lengths=(30,)), train=False))
+    assert np.array_equal(batch.fastai_mask[:3], kept) and not batch.fastai_mask[3].any()

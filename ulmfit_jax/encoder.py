@@ -148,51 +148,108 @@ def encoder_apply(params: dict, tokens: jax.Array, state: list, *, config: Encod
     return x.transpose(1, 0, 2), new_state
 
 
+def fastai_windows(tokens: jax.Array, *, pad_token: int, bptt: int, max_len: int | None) -> tuple[jax.Array, jax.Array]:
+    """Which rows fastai's `SentenceEncoder` feeds and keeps in each of our windows of a batch.
+
+    tokens: int32[B, S] in `pad_input_chunk` layout (pad_first), padded to the batch's longest
+    document L (fastai's own batch) or wider (our length buckets). Returns (fed, kept), each
+    bool[N, B] for our N = ceil(S / bptt) windows: whether fastai's model runs row b over the
+    window (fastai feeds window i to rows `b < real_bs`, real_bs the number of rows whose token at
+    i is not padding), and whether the window is among the ones fastai keeps for the pooling and
+    the regulariser (fastai's window i with `L - i <= max_len`; all when max_len is None).
+
+    Computed at run time from the tokens, so one shape serves every L it holds. A row's document
+    spans its first to its last non-padding token (n tokens); fastai puts it after
+    `(L - n) // bptt * bptt` front pads, we after `(S - n) // bptt * bptt`: both at a window
+    boundary, so row b's fastai column i is our column `i + shift_b` and fastai's windows of the row
+    are ours. The shifts of two rows differ by a window when S - L is no multiple of bptt, so
+    fastai's window i can be our window w for one row and w + 1 for another: fed and kept are
+    decided per row, in fastai's columns.
+    """
+    batch, width = tokens.shape
+    n_windows = -(-width // bptt)
+    is_text = tokens != pad_token
+    first = jnp.argmax(is_text, axis=1)
+    last = width - 1 - jnp.argmax(is_text[:, ::-1], axis=1)
+    lengths = jnp.where(is_text.any(axis=1), last - first + 1, 0)
+    longest = lengths.max()
+    shift = first - (longest - lengths) // bptt * bptt                       # [B]: ours = fastai's + shift
+    starts = jnp.arange(n_windows) * bptt                                    # [N]
+    # fastai's real_bs of its window j (start j * bptt): rows whose token there is not padding
+    columns = starts[:, None] + shift[None, :]                               # [N, B]: our column of (j, row)
+    inside = (columns >= 0) & (columns < width)
+    at_start = jnp.take_along_axis(is_text.T, jnp.clip(columns, 0, width - 1), axis=0)
+    real_bs = jnp.sum(at_start & inside, axis=1)                             # [N]
+    # our window w of row b is fastai's column i = start_w - shift_b
+    fastai_start = starts[:, None] - shift[None, :]                          # [N, B]
+    in_fastai = (fastai_start >= 0) & (fastai_start < longest)
+    fed = in_fastai & (jnp.arange(batch)[None, :] < real_bs[jnp.clip(fastai_start // bptt, 0, n_windows - 1)])
+    kept = in_fastai if max_len is None else in_fastai & (longest - fastai_start <= max_len)
+    return fed, kept
+
+
 def sentence_encoder(params: dict, tokens: jax.Array, *, config: EncoderConfig, bptt: int,
                      max_len: int | None, train: bool = False, key: jax.Array | None = None,
                      compute_dtype=None, backward: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """BPT3C (fastai's `SentenceEncoder`): a document batch in windows of `bptt`, state carried.
 
     tokens: int32[B, S], in fastai's `pad_input_chunk` layout (sorted by length, descending; whole
-    windows of padding at the front, the remainder at the end). Returns (outputs f32[B, S_kept, E],
-    padding mask bool[B, S_kept]) for the last windows, those starting within `max_len` of the end.
+    windows of padding at the front, the remainder at the end), padded to the batch's longest
+    document L (fastai's batch) or to a multiple of bptt (our length buckets). Returns (outputs
+    f32[B, S_kept, E], padding mask bool[B, S_kept]) for the last ceil(max_len / bptt) windows
+    (all of them when max_len is None).
 
-    As in fastai: the state starts at zero; window i feeds only the rows `b < real_bs`, where
-    real_bs counts rows whose first token of the window is not padding (other rows get zero
-    outputs and a zero state); each window's state is detached, so gradients flow within the kept
-    windows only, and the windows before them cost no backward pass. Each window draws its own
-    dropout masks, as each fastai module call does. `backward`: as `encoder_apply`'s.
+    As in fastai: the state starts at zero; a window feeds only the rows fastai feeds (its
+    `real_bs`), other rows get zero outputs and a zero state; each window's state is detached, so
+    gradients flow within a window only. fastai keeps the windows that start within max_len of its
+    batch's end, L: which of ours those are depends on L, so `fastai_windows` decides it per row at
+    run time, and the outputs of the windows it does not keep are zero and marked padding (the
+    pooling ignores them; AR and TAR must too: `text.batches.fastai_layout_mask` with max_len).
+    Static shapes: whatever L, fastai's end lies in our last window, so none of the windows before
+    the last ceil(max_len / bptt) can be kept; they run first, in a scan without gradients, and a
+    long document costs no backward pass before them. They are exactly the windows fastai keeps
+    when max_len and S - L are multiples of bptt (fastai's own batch: S = L); otherwise a row's can
+    begin with one window more, masked. Each window draws its own dropout masks, as each fastai
+    module call does.
+    `backward`: as `encoder_apply`'s.
+
+    Equal to fastai's outputs at every position fastai keeps, for any bucket padding, except two of
+    fastai's own padding effects when S - L is no multiple of bptt: its trailing pads beyond our
+    width (padding, outside the pooling) and `masked_concat_pool`'s `last` of a row whose text
+    starts in fastai's last, shorter window (fastai pools an earlier position, we the last token).
     """
     batch, length = tokens.shape
     n_full, remainder = divmod(length, bptt)
-    starts = list(range(0, length, bptt))
-    first_kept = 0 if max_len is None else next(w for w, start in enumerate(starts) if length - start <= max_len)
+    n_windows = n_full + (remainder > 0)
+    first_kept = 0 if max_len is None else max(0, n_windows - -(-max_len // bptt))
+    fed, kept = fastai_windows(tokens, pad_token=config.pad_token, bptt=bptt, max_len=max_len)    # [N, B]
     full_windows = tokens[:, :n_full * bptt].reshape(batch, n_full, bptt).transpose(1, 0, 2)   # [W, B, bptt]
 
-    def run_window(state, window_and_index):
-        window, index = window_and_index
-        real_bs = jnp.sum(window[:, 0] != config.pad_token)
-        fed = jnp.arange(batch) < real_bs
+    def run_window(state, window_index_fed):
+        window, index, rows = window_index_fed
         window_key = None if key is None else jax.random.fold_in(key, index)
         outputs, new_state = encoder_apply(params, window, state, config=config, train=train,
                                            key=window_key, compute_dtype=compute_dtype, backward=backward)
-        outputs = jnp.where(fed[:, None, None], outputs, 0.0)
-        new_state = jax.tree.map(lambda s: jnp.where(fed[:, None], s, 0.0), new_state)
+        outputs = jnp.where(rows[:, None, None], outputs, 0.0)
+        new_state = jax.tree.map(lambda s: jnp.where(rows[:, None], s, 0.0), new_state)
         return jax.lax.stop_gradient(new_state), outputs
 
     state = initial_state(config, batch)
     if first_kept > 0:
         dropped = min(first_kept, n_full)
-        state, _ = jax.lax.scan(run_window, state, (full_windows[:dropped], jnp.arange(dropped)))
+        state, _ = jax.lax.scan(run_window, state, (full_windows[:dropped], jnp.arange(dropped), fed[:dropped]))
         state = jax.lax.stop_gradient(state)
     outputs = []
     if n_full > first_kept:
-        state, kept = jax.lax.scan(run_window, state, (full_windows[first_kept:], jnp.arange(first_kept, n_full)))
-        outputs.append(kept.transpose(1, 0, 2, 3).reshape(batch, -1, config.emb_size))
+        state, out = jax.lax.scan(run_window, state, (full_windows[first_kept:], jnp.arange(first_kept, n_full),
+                                                      fed[first_kept:n_full]))
+        outputs.append(out.transpose(1, 0, 2, 3).reshape(batch, -1, config.emb_size))
     if remainder:
         # The last, shorter window runs on its own: padding it to full length would change the
         # outputs of a bidirectional layer's backward direction.
-        _, last = run_window(state, (tokens[:, n_full * bptt:], n_full))
+        _, last = run_window(state, (tokens[:, n_full * bptt:], n_full, fed[n_full]))
         outputs.append(last)
     outputs = jnp.concatenate(outputs, axis=1)
-    return outputs, tokens[:, starts[first_kept]:] == config.pad_token
+    kept = jnp.repeat(kept[first_kept:].T, bptt, axis=1)[:, :outputs.shape[1]]                # [B, S_kept]
+    outputs = jnp.where(kept[..., None], outputs, 0.0)
+    return outputs, (tokens[:, first_kept * bptt:] == config.pad_token) | ~kept

@@ -218,7 +218,9 @@ class ClassifierBatchSettings:
     document (None: no truncation) keeping its first or last tokens; bucket_multiple rounds the padded
     length up (None: fastai's exact per-batch maximum, any shape). `lengths` (from `merged_bucket_lengths`),
     when set, are the padded lengths a batch takes: the smallest one of the same kind (one window, or
-    whole windows) that holds its bucket, else the bucket itself."""
+    whole windows) that holds its bucket, else the bucket itself. `bpt3c_max_len`: the classifier's
+    max_len (`ClassifierConfig.max_len`, which acts in the model, not here): `fastai_mask` then marks
+    only the positions of the windows fastai's SentenceEncoder keeps (None: all of fastai's)."""
 
     batch_size: int = 64
     seq_len: int = 72
@@ -230,6 +232,7 @@ class ClassifierBatchSettings:
     pad_first: bool = True
     backwards: bool = False
     lengths: tuple[int, ...] | None = None
+    bpt3c_max_len: int | None = None
 
     def __post_init__(self):
         if self.lengths is not None and list(self.lengths) != sorted(set(self.lengths)):
@@ -263,9 +266,12 @@ class ClassifierBatch:
     fastai_mask: np.ndarray
 
 
-def fastai_layout_mask(lengths: Sequence[int], width: int, seq_len: int, pad_first: bool = True) -> np.ndarray:
+def fastai_layout_mask(lengths: Sequence[int], width: int, seq_len: int, pad_first: bool = True,
+                       max_len: int | None = None) -> np.ndarray:
     """bool[B, width]: where fastai's own `pad_input_chunk` (padding every row to the batch's longest,
     L = max(lengths)) puts each row's positions, in a batch padded to `width` >= L by `pad_chunk`.
+    With `max_len` (the classifier's BPT3C max_len) only the positions of the windows fastai's
+    `SentenceEncoder` keeps, those starting within max_len of L: what its AR and TAR average over.
 
     Row b (n tokens) takes fastai's f = ((L - n) // seq_len) * seq_len front pads and ours F = ((width
     - n) // seq_len) * seq_len: both put the text at a window boundary, so fastai's row is ours from
@@ -283,7 +289,8 @@ def fastai_layout_mask(lengths: Sequence[int], width: int, seq_len: int, pad_fir
     else:
         start = np.zeros_like(lengths)
     columns = np.arange(width)
-    return (columns >= start[:, None]) & (columns < np.minimum(start + longest, width)[:, None])
+    kept_from = 0 if max_len is None else max(0, -(-(longest - max_len) // seq_len)) * seq_len
+    return (columns >= (start + kept_from)[:, None]) & (columns < np.minimum(start + longest, width)[:, None])
 
 
 def padded_length(longest: int, settings: ClassifierBatchSettings) -> int:
@@ -386,5 +393,6 @@ def classifier_batches(documents: Sequence[np.ndarray], labels: Sequence[int] | 
         indices = np.full(batch_size, -1, dtype=np.int64)
         indices[:len(rows)] = rows
         fastai_mask = np.zeros((batch_size, width), dtype=bool)
-        fastai_mask[:len(rows)] = fastai_layout_mask(lengths[rows], width, settings.seq_len, settings.pad_first)
+        fastai_mask[:len(rows)] = fastai_layout_mask(lengths[rows], width, settings.seq_len, settings.pad_first,
+                                                     settings.bpt3c_max_len)
         yield ClassifierBatch(tokens, batch_labels, batch_lengths, token_mask, row_mask, indices, fastai_mask)
