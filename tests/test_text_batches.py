@@ -274,12 +274,36 @@ def test_rare_buckets_merge_into_the_next_larger_one_of_their_kind():
                                         short_bucket_multiple=8)
     # buckets: 8 x5 (5%), 16 x60, 24 x20, 32 x2, 48 x3 (short); 140 x5, 210 x1, 280 x4 (whole windows)
     lengths = [5] * 5 + [12] * 60 + [20] * 20 + [30] * 2 + [41] * 3 + [100] * 5 + [180] * 1 + [250] * 4
-    merged = merged_bucket_lengths(lengths, settings_, min_share=0.1)
-    assert merged == (16, 24, 48, 280)     # 8 -> 16; 32 -> 48 (the largest short one); 140, 210 -> 280
+    # 8 -> 16; 32 -> 48 (the largest short one); 140 -> 210 (one window wider), but not on to 280
+    # (twice 140): the default max_growth 1.25 keeps 210
+    assert merged_bucket_lengths(lengths, settings_, min_share=0.1) == (16, 24, 48, 210, 280)
+    merged = merged_bucket_lengths(lengths, settings_, min_share=0.1, max_growth=2.0)
+    assert merged == (16, 24, 48, 280)     # 140, 210 -> 280
     allowed = dataclasses.replace(settings_, lengths=merged)
     assert [padded_length(n, allowed) for n in (3, 16, 17, 25, 49, 70, 71, 141)] == [16, 16, 24, 48, 56, 70, 280, 280]
     assert padded_length(300, allowed) == 350          # longer than every allowed length: its own bucket
     assert merged_bucket_lengths(lengths, settings_, min_share=0.0) == (8, 16, 24, 32, 48, 140, 210, 280)
+
+
+def test_merging_a_long_tail_of_rare_buckets_pads_each_bucket_by_a_quarter_or_one_window_at_most():
+    """IMDb-like lengths (a long tail: every whole-window bucket past ~900 tokens holds under 10% of
+    the documents): without the bound they all merge into the largest bucket."""
+    rng = np.random.default_rng(0)
+    lengths = np.minimum(rng.lognormal(5.3, 0.75, size=25_000).astype(int) + 1, 3300)
+    settings_ = ClassifierBatchSettings(batch_size=64, seq_len=70, max_len=None, bucket_multiple=70,
+                                        short_bucket_multiple=8)
+    merged = merged_bucket_lengths(lengths, settings_)
+    unbounded = merged_bucket_lengths(lengths, settings_, max_growth=float("inf"))
+    assert len(merged) > len(unbounded) and merged[-1] == unbounded[-1] == 3360
+    allowed = dataclasses.replace(settings_, lengths=merged)
+    plain = dataclasses.replace(settings_, lengths=None)
+    for n in range(1, 3301):
+        bucket = padded_length(n, plain)
+        assert padded_length(n, allowed) <= max(1.25 * bucket, bucket + 70)
+    assert any(padded_length(n, dataclasses.replace(settings_, lengths=unbounded)) > 2 * padded_length(n, plain)
+               for n in range(1, 3301))
+    with pytest.raises(ValueError, match="max_growth"):
+        merged_bucket_lengths(lengths, settings_, max_growth=0.5)
 
 
 def test_merged_lengths_keep_every_batch_of_the_data_on_an_allowed_shape():
