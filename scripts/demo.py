@@ -35,6 +35,7 @@ from ulmfit_jax.recipes import DemoSettings  # noqa: E402
 from ulmfit_jax.text.datasets import read_jsonl_prefix, read_trec  # noqa: E402
 from ulmfit_jax.text.download import DATA_FILES, MissingData, ensure_data  # noqa: E402
 from ulmfit_jax.text.pipeline import tokenize_corpus  # noqa: E402
+from ulmfit_jax.text.tokenizers import TokenizerSettings  # noqa: E402
 from ulmfit_jax.text.vocab import make_vocab, token_to_id  # noqa: E402
 
 
@@ -97,7 +98,7 @@ def pretrain_and_finetune(settings: DemoSettings, recipe: recipes.Recipe, wiki_t
                                             batch_size=settings.finetune_bs, bptt=settings.bptt, seed=seed,
                                             log=log_line("finetune"), progress=True)
     params = jax.tree.map(np.asarray, params)
-    checkpoint.save_model(out / "finetuned_lm", lm_config, params, trec_vocab)
+    checkpoint.save_model(out / "finetuned_lm", lm_config, params, trec_vocab, tokenizer=TokenizerSettings())
     return params["encoder"]
 
 
@@ -156,7 +157,8 @@ def main(argv=None):
                                                test_ids, layout)
     scores = metrics.classification_metrics(probabilities, test_labels)
     checkpoint.save_model(args.out / "classifier", clas_config, jax.tree.map(np.asarray, params), trec_vocab,
-                          batch_stats=jax.tree.map(np.asarray, batch_stats), classes=classes)
+                          batch_stats=jax.tree.map(np.asarray, batch_stats), classes=classes,
+                          tokenizer=TokenizerSettings())
     print(json.dumps({"dataset": "trec6", "test_accuracy": scores["accuracy"], "test_macro_f1": scores["macro_f1"],
                       "pretrained": not args.from_scratch, "seed": args.seed,
                       "seconds": round(time.time() - start, 1)}))

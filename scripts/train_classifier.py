@@ -101,7 +101,7 @@ def main(argv=None):
             max_steps=args.max_steps, compute_dtype=cli.compute_dtype(args), checkpointer=checkpointer, log=log,
             progress=parallel.is_main_process(), **cli.loop_options(args), predict_documents=test_documents,
             on_epoch_end=cli.best_and_last(args.out, config, data.vocab, "valid_accuracy", lower_is_better=False,
-                                           classes=data.classes))
+                                           classes=data.classes, tokenizer=cli.data_tokenizer(args.data)))
 
     try:
         final_params, final_stats, history, throughput = cli.run_training(fit, log, started, args.out / "checkpoints")

@@ -39,11 +39,13 @@ def classifier_batch_settings(config: ClassifierConfig, batch_size: int, backwar
     (`text.batches.merged_bucket_lengths`).
 
     Multiples of bptt keep fastai's last-state index (`masked_concat_pool`) on the last real token;
-    within one window there is no front padding, so any length does."""
+    within one window there is no front padding, so any length does. The regulariser's mask
+    (`fastai_mask`) covers only the windows BPT3C keeps (`config.max_len`)."""
     from ulmfit_jax.text.batches import ClassifierBatchSettings
     return ClassifierBatchSettings(batch_size=batch_size, seq_len=config.bptt, max_len=None,
                                    bucket_multiple=config.bptt, short_bucket_multiple=min(8, config.bptt),
-                                   backwards=backwards, lengths=lengths)
+                                   backwards=backwards, lengths=lengths, bpt3c_max_len=config.max_len)
+
 
 def predict_classifier(predict, params, batch_stats, documents, settings) -> np.ndarray:
     """Class probabilities f32[N, C] in the documents' order; every batch is dispatched before any
