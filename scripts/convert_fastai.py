@@ -12,10 +12,13 @@ a list of strings), AWD-LSTM or fastai v1's AWD-QRNN. Export writes a state dict
 (fastai v2's layout; fastai 1.0.61's for a QRNN, which fastai v2 no longer has) and the vocabulary
 pickle. The imported directory records how its vocabulary's text is tokenized (`--tokenizer`:
 fastai's rules with `fast`, equal to fastai's default spaCy tokenizer, unless told otherwise; a
-SentencePiece model, as MultiFiT's, is copied into the directory). The last stdout line is JSON.
+SentencePiece model, as MultiFiT's, is copied into the directory). A classifier's pooled features
+depend on BPT3C's window and max_len, which a state dict does not hold: `--bptt` and `--max-len`
+give them (fastai's defaults, 72 and 72 * 20, unless told). The last stdout line is JSON.
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -45,13 +48,16 @@ def import_weights(args) -> dict:
         batch_stats = None
     else:
         config, params, batch_stats = convert.import_classifier(state_dict)
+        # a state dict does not hold BPT3C's window and max_len, on which fastai's pooled features depend
+        config = dataclasses.replace(config, bptt=args.bptt, max_len=None if args.max_len == 0 else args.max_len)
     if len(vocab) != config.encoder.vocab_size:
         raise SystemExit(f"error: {args.vocab} has {len(vocab)} tokens but the weights' embedding has "
                          f"{config.encoder.vocab_size} rows")
     checkpoint.save_model(args.out, config, params, vocab, batch_stats=batch_stats, tokenizer=tokenizer)
     version, _ = convert.detect_format(state_dict)
     return {"kind": kind, "fastai_version": version, "vocab": len(vocab), "out": str(args.out),
-            "tokenizer": tokenizer.kind,
+            "tokenizer": tokenizer.kind, **({} if kind == "language_model" else
+                                           {"bptt": config.bptt, "max_len": config.max_len}),
             "emb_size": config.encoder.emb_size, "n_hidden": config.encoder.n_hidden,
             "n_layers": config.encoder.n_layers, "bidirectional": config.encoder.bidirectional}
 
@@ -83,6 +89,10 @@ def main(argv=None):
                          help="how the vocabulary's text was tokenized (default fast: fastai's spaCy tokens)")
     to_ours.add_argument("--sentencepiece-model", type=Path, help="the SentencePiece model (--tokenizer sentencepiece)")
     to_ours.add_argument("--add-eos", action="store_true", help="the texts ended with xxeos (fastai's add_eos)")
+    to_ours.add_argument("--bptt", type=int, default=72,
+                         help="a classifier's BPT3C window, as it was trained (default fastai's 72)")
+    to_ours.add_argument("--max-len", type=int, default=72 * 20,
+                         help="a classifier's BPT3C max_len, 0 for none (default fastai's 72 * 20)")
     to_fastai = commands.add_parser("export", help="ulmfit_jax model directory -> fastai v2 .pth + vocab pickle")
     to_fastai.add_argument("--model", type=Path, required=True, help="ulmfit_jax model directory")
     to_fastai.add_argument("--weights", type=Path, required=True, help="fastai state dict to write (.pth)")

@@ -235,9 +235,10 @@ def test_the_scripts_read_text_with_the_model_tokenizer(trained, tmp_path):
     # fastai weights in and out: the import records the SentencePiece tokenizer it is told
     run("convert_fastai.py", "export", "--model", model_dir, "--weights", tmp_path / "clas.pth",
         "--vocab", tmp_path / "itos.pkl")
+    trained_config = checkpoint.load_model(model_dir)["config"]        # the window is not in the weights
     run("convert_fastai.py", "import", "--weights", tmp_path / "clas.pth", "--vocab", tmp_path / "itos.pkl",
         "--out", tmp_path / "imported", "--tokenizer", "sentencepiece", "--sentencepiece-model",
-        trained["data"] / "spm.model")
+        trained["data"] / "spm.model", "--bptt", trained_config.bptt, "--max-len", trained_config.max_len)
     imported = ulmfit_jax.load_classifier(tmp_path / "imported")
     np.testing.assert_allclose(imported.predict(trained["texts"]).probabilities,
                                ulmfit_jax.load_classifier(model_dir).predict(trained["texts"]).probabilities, atol=1e-6)
