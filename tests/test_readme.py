@@ -1,19 +1,67 @@
-"""The README's examples run as written."""
+"""The README's examples run as written: every ```python block is executed, the inference block
+against tiny model directories at the paths it names."""
 
 import contextlib
 import io
 import re
 from pathlib import Path
 
+import jax
+import numpy as np
+
+from ulmfit_jax import checkpoint, models
+from ulmfit_jax.config import awd_lstm_clas_config, awd_lstm_lm_config
+from ulmfit_jax.text.rules import SPECIAL_TOKENS
+from ulmfit_jax.text.tokenizers import TokenizerSettings
+
 README = Path(__file__).resolve().parent.parent / "README.md"
+BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+
+
+def run_block(code, name):
+    namespace = {}
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        exec(compile(code, f"README.md ({name})", "exec"), namespace)
+    return namespace, printed.getvalue()
+
+
+def block(marker):
+    chosen = [code for code in BLOCKS if marker in code]
+    assert len(chosen) == 1, f"one README python block with {marker!r}, found {len(chosen)}"
+    return chosen[0]
+
+
+def test_every_python_block_is_run_by_a_test():
+    markers = ["load_classifier(", "language_model_apply(", "make_train_step("]
+    assert len(BLOCKS) == len(markers) and all(any(m in code for m in markers) for code in BLOCKS)
+
+
+def test_the_inference_example(tmp_path, monkeypatch):
+    vocab = list(SPECIAL_TOKENS) + "who wrote hamlet ? how far is mars what the capital of france".split()
+    classes = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
+    clas = awd_lstm_clas_config(len(vocab), len(classes), emb_size=8, n_hidden=12, n_layers=2, bptt=10)
+    params, stats = models.init_classifier(jax.random.PRNGKey(0), clas)
+    checkpoint.save_model(tmp_path / "runs/trec_clas/best", clas, params, vocab, batch_stats=stats,
+                          classes=classes, tokenizer=TokenizerSettings())
+    lm = awd_lstm_lm_config(len(vocab), emb_size=8, n_hidden=12, n_layers=2)
+    checkpoint.save_model(tmp_path / "runs/trec_lm/best", lm, models.init_language_model(jax.random.PRNGKey(1), lm),
+                          vocab, tokenizer=TokenizerSettings())
+    monkeypatch.chdir(tmp_path)
+    namespace, printed = run_block(block("load_classifier("), "inference")
+    assert len(namespace["labels"]) == 2 and set(namespace["labels"]) <= set(classes)
+    np.testing.assert_allclose(np.asarray(namespace["probabilities"]).sum(1), 1, rtol=1e-5)
+    assert printed.startswith(str(namespace["labels"]))
+
+
+def test_the_functions_example():
+    namespace, _ = run_block(block("language_model_apply("), "using the functions")
+    assert namespace["logits"].shape == (8, 70, 1_000) and np.isfinite(namespace["logits"]).all()
+    assert namespace["raw"][-1].shape == namespace["dropped"][-1].shape
 
 
 def test_the_custom_training_loop_trains_a_classifier():
-    code = re.search(r"<!-- custom-loop -->\n```python\n(.*?)```", README.read_text(), re.S).group(1)
-    namespace = {}
-    with contextlib.redirect_stdout(io.StringIO()) as printed:
-        exec(compile(code, "README.md (custom loop)", "exec"), namespace)
-    assert printed.getvalue().startswith("loss ")
+    namespace, printed = run_block(block("make_train_step("), "custom loop")
+    assert printed.startswith("loss ")
     accuracy = (namespace["probabilities"].argmax(1) == namespace["labels"]).mean()
     assert accuracy > 0.9 and float(namespace["metrics"]["loss"]) < 0.5
     assert int(namespace["state"].step) == 2 * 3 * 8
