@@ -28,9 +28,8 @@ COMPILATION_CACHE_ENV = "ULMFIT_COMPILATION_CACHE"
 
 def use_compilation_cache(directory: str | os.PathLike | None = None) -> Path | None:
     """Turn on JAX's persistent compilation cache: a rerun with the same model, stages and batch
-    shapes loads its executables instead of compiling them again (~3 s each for the demo's
-    classifier on 2 CPU cores; the cache is keyed on the program, the compile options and the
-    jax/jaxlib versions). Directory: `directory`, else $ULMFIT_COMPILATION_CACHE, else
+    shapes loads its executables instead of compiling them again (the cache is keyed on the
+    program, the compile options and the jax/jaxlib versions). Directory: `directory`, else $ULMFIT_COMPILATION_CACHE, else
     ~/.cache/ulmfit_jax/xla; "off" (or "") turns it off. -> the directory used, or None."""
     import jax
     if directory is None:
@@ -61,12 +60,11 @@ def keep_freed_memory() -> bool:
     XLA:CPU allocates every step's buffers afresh; with glibc's defaults the heap is trimmed when
     they are freed and the next step page-faults the memory back in. Keeping up to 1 GiB at the top
     of the heap (M_TRIM_THRESHOLD), growing it 256 MiB at a time (M_TOP_PAD) and serving blocks up
-    to 32 MiB from the heap rather than fresh mmaps (M_MMAP_THRESHOLD) made the demo's classifier
-    step 14% faster on this 2-core CPU, the from-scratch demo 9% (README "The demo"). What it cannot
-    reach: a block over 64 MB that XLA allocates from one of its worker threads (a whole execution's
-    temporary buffer, 103 MB for the demo's first LSTM layer) comes from that thread's arena, which
-    glibc serves by a fresh mmap whatever these settings say. `MALLOC_ARENA_MAX=1` would route it
-    through the main heap, but it made the whole demo slower (README "The recipe end to end").
+    to 32 MiB from the heap rather than fresh mmaps (M_MMAP_THRESHOLD) avoids those faults. What it
+    cannot reach: a block over 64 MB that XLA allocates from one of its worker threads (a whole
+    execution's temporary buffer) comes from that thread's arena, which glibc serves by a fresh mmap
+    whatever these settings say; `MALLOC_ARENA_MAX=1` would route it through the main heap, but it
+    made whole runs slower.
     The process's own setting only, made at run time; a no-op where the C library is not glibc, or
     with $ULMFIT_MALLOC=default.
     -> whether the settings were applied."""
