@@ -1,4 +1,4 @@
-"""Howard & Ruder 2018's classifier fine-tuning ablation (their Table 6) at CPU scale, on TREC-6.
+"""Howard & Ruder 2018's classifier fine-tuning ablation (their Table 7) at CPU scale, on TREC-6.
 
 Which part of ULMFiT's classifier recipe matters: training every layer group from the start
 ("full"), the head alone ("last"), chain-thaw, or gradual unfreezing; each with and without
@@ -59,7 +59,7 @@ from common import git_state, machine, timed_run, versions  # noqa: E402
 
 DATASET = "trec6"
 
-# scheme -> (what it is, train_classifier.py flags); the paper's Table 6 names in brackets
+# scheme -> (what it is, train_classifier.py flags); the paper's Table 7 names in brackets
 SCHEMES = {
     "full": ("every group from the start, one rate for all [Full]", ["--recipe", "full", "--no-discriminative"]),
     "full+discr": ("every group from the start, discriminative rates [Full + discr]", ["--recipe", "full"]),
@@ -317,7 +317,7 @@ def main(argv=None):
             "versions": versions(("jax", "jaxlib", "optax")), "git": git_state(ROOT)}
     m = info["machine"]
     capped = f"; every run capped at {args.max_steps} steps (a smoke test)" if args.max_steps else ""
-    header = (f"# Fine-tuning ablation on TREC-6 (Howard & Ruder 2018, Table 6, at CPU scale)\n\n"
+    header = (f"# Fine-tuning ablation on TREC-6 (Howard & Ruder 2018, Table 7, at CPU scale)\n\n"
               f"{m['cpu']}, {m['cores']} cores, load average {m['load_average']}; "
               + ", ".join(f"{k} {v}" for k, v in info["versions"].items())
               + f"; commit {info['git']['commit']}\n"

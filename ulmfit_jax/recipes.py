@@ -15,7 +15,7 @@ Recipes held here (`RECIPES`, by the names the scripts' `--recipe` takes):
 - `multifit`: MultiFiT's reference implementation (Eisenschlos et al. 2019);
 - `demo`: the CPU demo's (scripts/demo.py), a short gradual unfreezing for a small model;
 - `full`, `last`: the classifier's baselines of Howard & Ruder 2018's fine-tuning ablation (their
-  Table 6): every group from the start, or the head alone, for as many epochs as `fastai`'s.
+  Table 7): every group from the start, or the head alone, for as many epochs as `fastai`'s.
 
 `without_discriminative` turns any recipe's stages into the same stages with one rate for every
 group (the ablation's "without discriminative fine-tuning").
@@ -302,7 +302,7 @@ that slice; fastai's one-cycle throughout."""
 FULL = dataclasses.replace(
     FASTAI, name="full",
     classifier=(StageRecipe(All(), epochs="epochs", extra_epochs=3, lr=Fraction(1, 20)),))
-"""Howard & Ruder 2018's "Full" (Table 6): every group from the first epoch, for as many epochs as
+"""Howard & Ruder 2018's "Full" (Table 7): every group from the first epoch, for as many epochs as
 `fastai`'s gradual unfreezing takes (its three one-group-more epochs + the run's epochs), at the rate
 that recipe trains every group at (lr/20, discriminative `slice(lr_k / 2.6**(groups-1), lr_k)`), one
 one-cycle schedule. What it leaves out against `fastai` is the unfreezing alone. LM fine-tuning and the
@@ -311,7 +311,7 @@ from-scratch classifier are the tutorial's."""
 LAST = dataclasses.replace(
     FASTAI, name="last",
     classifier=(StageRecipe(Last(1), epochs="epochs", extra_epochs=3, lr=Fraction(1)),))
-"""Howard & Ruder 2018's "Last" (Table 6): the head alone (the encoder stays as LM fine-tuning left
+"""Howard & Ruder 2018's "Last" (Table 7): the head alone (the encoder stays as LM fine-tuning left
 it), for as many epochs as `fastai`'s recipe, at the rate that recipe trains the head alone at (lr).
 With one group training, discriminative rates make no difference (it trains at lr either way,
 to the last bit of the slice's spacing). LM fine-tuning and the from-scratch
