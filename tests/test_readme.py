@@ -1,21 +1,29 @@
 """The README's examples run as written: every ```python block is executed, the inference block
-against tiny model directories at the paths it names."""
+against tiny model directories at the paths it names, and every script command line is parsed by
+that script's own parser (the scripts themselves run end to end in tests/test_scripts_*.py)."""
 
+import argparse
 import contextlib
 import io
 import re
+import runpy
+import shlex
 from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from ulmfit_jax import checkpoint, models
 from ulmfit_jax.config import awd_lstm_clas_config, awd_lstm_lm_config
 from ulmfit_jax.text.rules import SPECIAL_TOKENS
 from ulmfit_jax.text.tokenizers import TokenizerSettings
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+COMMANDS = [line.split("python ", 1)[1] for shell in re.findall(r"```\n(.*?)```", README.read_text(), re.S)
+            for line in shell.splitlines() if "python scripts/" in line]
 
 
 def run_block(code, name):
@@ -34,6 +42,24 @@ def block(marker):
 def test_every_python_block_is_run_by_a_test():
     markers = ["load_classifier(", "language_model_apply(", "make_train_step("]
     assert len(BLOCKS) == len(markers) and all(any(m in code for m in markers) for code in BLOCKS)
+
+
+class Parsed(Exception):
+    """Raised in place of running a script once its parser has accepted the command line."""
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_script_command_parses(command, monkeypatch):
+    parse_args = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(parser, args=None, namespace=None):
+        raise Parsed(parse_args(parser, args, namespace))
+
+    script, *argv = shlex.split(command)
+    main = runpy.run_path(str(ROOT / script))["main"]
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    with pytest.raises(Parsed):                 # a flag the script lacks exits with status 2 instead
+        main(argv)
 
 
 def test_the_inference_example(tmp_path, monkeypatch):
