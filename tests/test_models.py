@@ -1,4 +1,4 @@
-"""Model composition: mixed precision tracks float32."""
+"""Model composition: mixed precision tracks float32; the LM's hidden and full forward agree."""
 
 import jax
 import jax.numpy as jnp
@@ -27,3 +27,24 @@ def test_bfloat16_matmuls_track_float32_and_keep_float32_state(key):
     full_loss, mixed_loss = losses.cross_entropy(full, targets), losses.cross_entropy(mixed, targets)
     assert abs(float(mixed_loss) - float(full_loss)) < 0.01 * float(full_loss)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=0.05), mixed_state, full_state)
+
+
+def test_language_model_hidden_returns_what_language_model_apply_returns_but_the_logits(key):
+    """(dropped, new state, (raw, dropped)) in `language_model_apply`'s order (logits, new state,
+    (raw, dropped)), in train mode with its dropout keys as well."""
+    from ulmfit_jax import heads
+    config = awd_lstm_lm_config(50, emb_size=8, n_hidden=12, n_layers=2)
+    params = models.init_language_model(key, config)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (3, 7), 0, 50)
+    state = encoder.initial_state(config.encoder, 3)
+    dropped, new_state, (raw, dropped_again) = models.language_model_hidden(
+        params, tokens, state, config=config, train=True, key=jax.random.PRNGKey(2))
+    logits, apply_state, (apply_raw, apply_dropped) = models.language_model_apply(
+        params, tokens, state, config=config, train=True, key=jax.random.PRNGKey(2))
+    assert jax.tree.structure(new_state) == jax.tree.structure(state)
+    jax.tree.map(np.testing.assert_array_equal, new_state, apply_state)
+    np.testing.assert_array_equal(raw, apply_raw)
+    np.testing.assert_array_equal(dropped, dropped_again)
+    np.testing.assert_array_equal(dropped, apply_dropped)
+    assert not np.array_equal(raw, dropped)                                  # output dropout was applied
+    np.testing.assert_allclose(heads.lm_logits(params, dropped, config), logits, rtol=1e-6)

@@ -68,6 +68,11 @@ def test_three_stages_evaluate_and_predict(tmp_path):
                           tmp_path / "refused", *TINY, "--max-steps", "1")
     assert "the encoder's vocabulary" in refused and "is not the data's" in refused
     assert not (tmp_path / "refused" / "last").exists()
+    # an encoder fixes the architecture: flags that contradict it are refused, not ignored
+    refused = run_failing("train_classifier.py", "--data", data, "--encoder", finetuned["encoder"], "--out",
+                          tmp_path / "refused_arch", *TINY, "--n-hid", "32", "--arch", "qrnn", "--max-steps", "1")
+    assert "--n-hid 32 (the encoder's: 24)" in refused and "--arch qrnn (the encoder's: lstm)" in refused
+    assert not (tmp_path / "refused_arch" / "last").exists()
     refused = run_failing("evaluate.py", "--model", tmp_path / "clas" / "last", "--data", other, "--split", "test")
     assert "the model's vocabulary is not the data's" in refused
 
