@@ -10,7 +10,7 @@ data's vocabulary as fastai's `match_embeds` does. The stages are `--recipe`'s (
 the default, fastai's tutorial: the last layer group (embedding + decoder) alone for
 `--freeze-epochs` at `--frozen-lr`, then every group for `--epochs` at `--lr` (1 epoch at 1e-2,
 then 10 at 1e-3 by default). Text of the train and unsup splits is used
-(`--include-test-text` adds the test split's), labels are not. Writes `out/best`, `out/last`, `out/encoder` (for train_classifier.py --encoder). Last stdout
+(`--include-test-text` adds the test split's; `--max-docs N` takes N of them), labels are not. Writes `out/best`, `out/last`, `out/encoder` (for train_classifier.py --encoder). Last stdout
 line: JSON.
 """
 
@@ -68,6 +68,8 @@ def main(argv=None):
                         help="the stages (ulmfit_jax.recipes; default: fastai's tutorial)")
     parser.add_argument("--freeze-epochs", type=int, default=1, help="epochs of the recipe's frozen stage")
     parser.add_argument("--frozen-lr", type=float, default=1e-2, help="learning rate of the recipe's frozen stage")
+    parser.add_argument("--max-docs", type=int, help="fine-tune on this many of the documents, chosen by --seed "
+                        "(the validation split is taken from them)")
     parser.add_argument("--include-test-text", action="store_true",
                         help="also fine-tune on the test split's text (no labels; fastai's IMDb notebooks do)")
     args = parser.parse_args(argv)
@@ -83,6 +85,11 @@ def main(argv=None):
                                                                              "weight_p")}}),
         output_p=config.output_p, tie_weights=pretrained_config.tie_weights, out_bias=pretrained_config.out_bias)
     documents, _ = cli.split_documents(data, ("train", "unsup", "test") if args.include_test_text else ("train", "unsup"))
+    if args.max_docs is not None:
+        try:
+            documents, _ = cli.document_subset(documents, None, args.max_docs, args.seed, "--max-docs")
+        except ValueError as error:
+            raise SystemExit(f"error: {error}")
     train_docs, _, valid_docs, _ = cli.validation_split(data, documents, None, args.seed)
     stages = stages_for(args, optim.n_groups(optim.layer_group_labels(params, "lm")))
     final_params, history, throughput = cli.fit_language_model_from_args(

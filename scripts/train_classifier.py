@@ -11,7 +11,8 @@ then every group for `--epochs` at lr/20; `--recipe chain-thaw` (or `--chain-tha
 stage's rate. Schedules: one-cycle (`--preset fastai`) or STLR (`--preset
 paper`) unless the recipe sets its own. Without `--encoder` the classifier trains from scratch
 (the fastai recipe: every group, `--epochs` + 3 epochs at lr/4). Validation on
-'valid' / 'dev' (or 10% of train), test metrics at the end when the data has a test split. Writes
+'valid' / 'dev' (or 10% of train), test metrics at the end when the data has a test split.
+`--train-docs N` trains on N labelled documents, balanced over the classes (low-shot runs). Writes
 `out/best`, `out/last`, metrics and plots; last stdout line JSON.
 """
 
@@ -51,6 +52,8 @@ def main(argv=None):
     parser.add_argument("--recipe", choices=list(recipes.RECIPES), default="fastai",
                         help="the stages (ulmfit_jax.recipes; default: fastai's tutorial)")
     parser.add_argument("--chain-thaw", action="store_true", help="the same as --recipe chain-thaw")
+    parser.add_argument("--train-docs", type=int, help="train on this many of the labelled training documents, "
+                        "balanced over the classes and chosen by --seed (the validation split is taken from them)")
     parser.add_argument("--no-discriminative", action="store_true",
                         help="every group at the stage's rate (recipes.without_discriminative)")
     args = parser.parse_args(argv)
@@ -64,6 +67,11 @@ def main(argv=None):
     if data.classes is None or data.splits.get("train") is None or data.splits["train"].labels is None:
         raise SystemExit(f"error: {args.data} has no labelled train split")
     documents, labels = cli.split_documents(data, ("train",))
+    if args.train_docs is not None:
+        try:
+            documents, labels = cli.document_subset(documents, labels, args.train_docs, args.seed, "--train-docs")
+        except ValueError as error:
+            raise SystemExit(f"error: {error}")
     if not documents:
         raise SystemExit(f"error: {args.data}: the training set is empty")
     train_docs, train_labels, valid_docs, valid_labels = cli.validation_split(data, documents, labels, args.seed)

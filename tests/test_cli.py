@@ -11,3 +11,28 @@ def test_keep_freed_memory_sets_glibc_malloc_unless_turned_off(monkeypatch):
     assert cli.keep_freed_memory() is False
     monkeypatch.delenv(cli.MALLOC_ENV)
     assert cli.keep_freed_memory() is True         # glibc accepted every value (mallopt returned 1)
+
+
+def test_document_subset_is_balanced_seeded_and_keeps_the_order():
+    import numpy as np
+    labels = np.array([0] * 50 + [1] * 30 + [2] * 20)
+    documents = [np.array([i]) for i in range(100)]
+    chosen, chosen_labels = cli.document_subset(documents, labels, 10, seed=3, flag="--train-docs")
+    assert np.bincount(chosen_labels).tolist() == [4, 3, 3]                # 10 // 3 each, the first class one more
+    rows = [int(d[0]) for d in chosen]
+    assert rows == sorted(rows) and (labels[rows] == chosen_labels).all()
+    again, _ = cli.document_subset(documents, labels, 10, seed=3, flag="--train-docs")
+    other, _ = cli.document_subset(documents, labels, 10, seed=4, flag="--train-docs")
+    assert [int(d[0]) for d in again] == rows != [int(d[0]) for d in other]
+    unlabelled, none = cli.document_subset(documents, None, 7, seed=0, flag="--max-docs")
+    assert none is None and len({int(d[0]) for d in unlabelled}) == 7
+
+
+@pytest.mark.parametrize("n, message", [(0, "between 1 and the 100"), (101, "between 1 and the 100"),
+                                        (2, "at least one of each of the 3 classes"),
+                                        (70, "class 2 has 20 documents, a balanced choice needs 23")])
+def test_document_subset_refuses_what_it_cannot_choose(n, message):
+    import numpy as np
+    labels = np.array([0] * 50 + [1] * 30 + [2] * 20)
+    with pytest.raises(ValueError, match=message):
+        cli.document_subset([np.array([i]) for i in range(100)], labels, n, seed=0, flag="--train-docs")

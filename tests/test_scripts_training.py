@@ -73,6 +73,9 @@ def test_three_stages_evaluate_and_predict(tmp_path):
                           tmp_path / "refused_arch", *TINY, "--n-hid", "32", "--arch", "qrnn", "--max-steps", "1")
     assert "--n-hid 32 (the encoder's: 24)" in refused and "--arch qrnn (the encoder's: lstm)" in refused
     assert not (tmp_path / "refused_arch" / "last").exists()
+    refused = run_failing("train_classifier.py", "--data", data, "--encoder", finetuned["encoder"], "--out",
+                          tmp_path / "refused_docs", *TINY, "--train-docs", "5")
+    assert "--train-docs 5: a balanced choice needs at least one of each of the 6 classes" in refused
     refused = run_failing("evaluate.py", "--model", tmp_path / "clas" / "last", "--data", other, "--split", "test")
     assert "the model's vocabulary is not the data's" in refused
 
