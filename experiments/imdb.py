@@ -55,9 +55,10 @@ def step(args, name: str, command: list) -> dict:
         return json.loads(record.read_text())
     extra = ["--max-steps", str(args.max_steps)] if args.max_steps and name.split("_")[0] in (
         "finetune", "classifier") else []
+    (args.out / "logs").mkdir(exist_ok=True)
     timed = timed_run([sys.executable, *map(str, command), *extra], log_path=args.out / "logs" / f"{name}.log")
     result = {**timed.result, "wall_seconds": round(timed.wall, 1), "cpu_seconds": round(timed.cpu, 1)}
-    record.parent.mkdir(parents=True, exist_ok=True)
+    record.parent.mkdir(exist_ok=True)
     record.write_text(json.dumps(result))
     print(json.dumps({name: result}), flush=True)
     return result
