@@ -99,7 +99,7 @@ def main(argv=None):
         encoder_params = best["params"]["encoder"] if best else parallel.to_host(final_params["encoder"])
         checkpoint.save_encoder(args.out / "encoder", config.encoder, encoder_params, data.vocab,
                                 tokenizer=cli.checked_data_tokenizer(args.data))
-    final = history[-1] if history else {}
+    final = cli.final_epoch(args.out, history)
     cli.finish({"stage": "finetune", "encoder": str(args.out / "encoder"), **{k: final.get(k) for k in (
         "epoch", "step", "train_loss", "valid_loss", "valid_perplexity", "valid_accuracy")}}, throughput, started)
 

@@ -43,7 +43,7 @@ def main(argv=None):
     stages = [train.Stage(args.epochs, cli.optimizer_config(args, args.lr, n_groups))]
     _, history, throughput = cli.fit_language_model_from_args(
         args, params, config, data.vocab, train_docs, valid_docs, stages, "pretrain")
-    final = history[-1] if history else {}
+    final = cli.final_epoch(args.out, history)
     cli.finish({"stage": "pretrain", "model": str(args.out / "best"), **{k: final.get(k) for k in (
         "epoch", "step", "train_loss", "valid_loss", "valid_perplexity", "valid_accuracy")}}, throughput, started)
 

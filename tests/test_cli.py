@@ -36,3 +36,19 @@ def test_document_subset_refuses_what_it_cannot_choose(n, message):
     labels = np.array([0] * 50 + [1] * 30 + [2] * 20)
     with pytest.raises(ValueError, match=message):
         cli.document_subset([np.array([i]) for i in range(100)], labels, n, seed=0, flag="--train-docs")
+
+
+def test_finish_prints_strict_json_and_final_epoch_reads_a_finished_run(tmp_path, capsys):
+    import json
+    import math
+    import time
+    from types import SimpleNamespace
+    cli.finish({"stage": "pretrain", "valid_loss": 1.25}, SimpleNamespace(tokens_per_second=math.nan,
+                                                                        compile_seconds=0.0), time.time())
+    printed = json.loads(capsys.readouterr().out, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+    assert printed["tokens_per_s"] is None and printed["valid_loss"] == 1.25
+    assert cli.final_epoch(tmp_path, [{"epoch": 3}]) == {"epoch": 3}
+    assert cli.final_epoch(tmp_path, []) == {}                               # no metrics.jsonl
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 0, "step": 5}\n{"epoch": 1, "step": 9}\n'
+                                            '{"resumed_from_step": 9}\n')
+    assert cli.final_epoch(tmp_path, []) == {"epoch": 1, "step": 9}

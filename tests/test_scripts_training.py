@@ -39,6 +39,12 @@ def test_three_stages_evaluate_and_predict(tmp_path):
     assert prepared["docs"] == 5952
     lm = run("pretrain_lm.py", "--data", data, "--out", tmp_path / "lm", *TINY, "--bs", "32", "--max-steps", "25")
     assert lm["step"] == 25 and lm["tokens_per_s"] > 0 and lm["compile_seconds"] > 0
+    # the same command again: nothing left to train; it reports the finished run, in strict JSON
+    again = subprocess.run([sys.executable, str(ROOT / "scripts" / "pretrain_lm.py"), "--data", str(data), "--out",
+                            str(tmp_path / "lm"), *TINY, "--bs", "32", "--max-steps", "25"],
+                           capture_output=True, text=True, timeout=300)
+    rerun = json.loads(again.stdout.splitlines()[-1], parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+    assert again.returncode == 0 and rerun["step"] == 25 and rerun["valid_loss"] == lm["valid_loss"]
     finetuned = run("finetune_lm.py", "--data", data, "--pretrained", tmp_path / "lm" / "best", "--out",
                     tmp_path / "ft", *TINY, "--bs", "32", "--epochs", "1", "--max-steps", "30")
     assert Path(finetuned["encoder"], "params.npz").is_file()

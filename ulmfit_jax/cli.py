@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -257,10 +258,26 @@ class RunLog:
 
 
 def finish(result: dict, throughput, started: float) -> None:
-    """The last stdout line of every training script (of every process): JSON of its final metrics."""
+    """The last stdout line of every training script (of every process): JSON of its final metrics
+    (a number that is not finite, such as the throughput of a rerun that had no step left to
+    train, is null: JSON has no NaN)."""
     result = dict(result, tokens_per_s=throughput.tokens_per_second, compile_seconds=throughput.compile_seconds,
                   seconds=time.time() - started)
-    print(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in result.items()}), flush=True)
+    print(json.dumps({k: ((round(v, 6) if math.isfinite(v) else None) if isinstance(v, float) else v)
+                      for k, v in result.items()}, allow_nan=False), flush=True)
+
+
+def final_epoch(out: Path, history: list[dict]) -> dict:
+    """The run's last epoch record: this process's, or, for a rerun of a finished run (which has no
+    epoch left to train), the last one in `out/metrics.jsonl`."""
+    if history:
+        return history[-1]
+    try:
+        lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return {}
+    epochs = [record for record in map(json.loads, lines) if "epoch" in record]
+    return epochs[-1] if epochs else {}
 
 
 # ----------------------------------------------------------------------------------------------
