@@ -142,7 +142,8 @@ def main(argv=None):
                 f"epoch); a {args.max_vocab:,}-word IMDb vocabulary; LM fine-tuning on {args.lm_docs:,} of the 75,000 "
                 f"train and unsup reviews (1 epoch of the last group, 1 of all); classifiers on {args.train_docs:,} "
                 "of the 25,000 labelled training reviews (balanced; 10% of them for validation), gradual unfreezing "
-                "one epoch per stage and one epoch of all groups; bptt 70, BPT3C max_len 1,440 (the last 21 windows of a review carry gradients)."
+                "one epoch per stage and one epoch of all groups; bptt 70, BPT3C max_len 1,440 (the last 21 "
+                "windows of a review carry gradients)."
                 + (f" Smoke test: every run capped at {args.max_steps} steps." if args.max_steps else "")),
         "test_reviews": results["ensemble"].get("documents"),
         "test_error": {"forward": 1 - results["classifier_forward"]["test_accuracy"],
