@@ -9,9 +9,9 @@ The pretrained model (ulmfit_jax model directory, or fastai weights + vocabulary
 data's vocabulary as fastai's `match_embeds` does. The stages are `--recipe`'s (`ulmfit_jax.recipes`);
 the default, fastai's tutorial: the last layer group (embedding + decoder) alone for
 `--freeze-epochs` at `--frozen-lr`, then every group for `--epochs` at `--lr` (1 epoch at 1e-2,
-then 10 at 1e-3 by default). Text of the train and unsup splits is used
-(`--include-test-text` adds the test split's; `--max-docs N` takes N of them), labels are not. Writes `out/best`, `out/last`, `out/encoder` (for train_classifier.py --encoder). Last stdout
-line: JSON.
+then 10 at 1e-3 by default). Text of the train and unsup splits is used (`--include-test-text`
+adds the test split's; `--max-docs N` takes N of them), labels are not. Writes `out/best`,
+`out/last`, `out/encoder` (for train_classifier.py --encoder). Last stdout line: JSON.
 """
 
 import argparse

@@ -30,7 +30,8 @@ COMPILATION_CACHE_ENV = "ULMFIT_COMPILATION_CACHE"
 def use_compilation_cache(directory: str | os.PathLike | None = None) -> Path | None:
     """Turn on JAX's persistent compilation cache: a rerun with the same model, stages and batch
     shapes loads its executables instead of compiling them again (the cache is keyed on the
-    program, the compile options and the jax/jaxlib versions). Directory: `directory`, else $ULMFIT_COMPILATION_CACHE, else
+    program, the compile options and the jax/jaxlib versions). Directory: `directory`, else
+    $ULMFIT_COMPILATION_CACHE, else
     ~/.cache/ulmfit_jax/xla; "off" (or "") turns it off. -> the directory used, or None."""
     import jax
     if directory is None:
