@@ -13,6 +13,12 @@ from ulmfit_jax import runs
 SETTINGS = {"lr": 0.01, "n_layers": 3, "data_dir": "data/imdb", "hidden_sizes": [50], "bidirectional": False}
 
 
+def trained(out: Path) -> Path:
+    """Mark a run folder as holding a run that trained (its metrics), which its settings guard."""
+    (out / "metrics.jsonl").write_text('{"epoch": 0}\n')
+    return out
+
+
 def test_first_run_writes_the_settings(tmp_path):
     out = tmp_path / "run"  # not there yet: created
     runs.check_or_save_settings(out, {**SETTINGS, "data_dir": Path("data/imdb"), "hidden_sizes": (50,)})
@@ -35,7 +41,7 @@ def test_equal_settings_pass_and_leave_the_file_alone(tmp_path):
 
 
 def test_a_mismatch_names_every_differing_flag(tmp_path):
-    runs.check_or_save_settings(tmp_path, {**SETTINGS, "max_len": 1440})
+    runs.check_or_save_settings(trained(tmp_path), {**SETTINGS, "max_len": 1440})
     before = (tmp_path / "run.json").read_bytes()
     now = {**SETTINGS, "lr": 0.02, "n_layers": 4, "data_dir": "data/trec", "drop_mult": 0.5}
     del now["bidirectional"]
@@ -56,7 +62,7 @@ def test_a_mismatch_names_every_differing_flag(tmp_path):
 
 
 def test_values_of_another_type_differ(tmp_path):
-    runs.check_or_save_settings(tmp_path, {"seed": 1})
+    runs.check_or_save_settings(trained(tmp_path), {"seed": 1})
     with pytest.raises(runs.SettingsMismatch, match="--seed: saved 1, now true"):
         runs.check_or_save_settings(tmp_path, {"seed": True})
 
@@ -64,18 +70,35 @@ def test_values_of_another_type_differ(tmp_path):
 def test_write_false_never_writes_but_still_compares(tmp_path):
     runs.check_or_save_settings(tmp_path / "run", SETTINGS, write=False)
     assert not (tmp_path / "run").exists()
-    runs.check_or_save_settings(tmp_path, SETTINGS)  # process 0 writes ...
+    runs.check_or_save_settings(trained(tmp_path), SETTINGS)  # process 0 writes ...
     with pytest.raises(runs.SettingsMismatch, match="--lr: saved 0.01, now 0.1"):  # ... the others compare
         runs.check_or_save_settings(tmp_path, {**SETTINGS, "lr": 0.1}, write=False)
 
 
 def test_an_unreadable_settings_file_is_an_error_that_points_at_no_resume(tmp_path):
+    trained(tmp_path)
     (tmp_path / "run.json").write_text('{"lr": 0.0')
     with pytest.raises(ValueError, match="run.json is not valid JSON.*--no-resume"):
         runs.check_or_save_settings(tmp_path, SETTINGS)
     (tmp_path / "run.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="--no-resume"):
         runs.check_or_save_settings(tmp_path, SETTINGS)
+
+
+@pytest.mark.parametrize("what", ["nothing", "an empty checkpoints folder"])
+def test_settings_beside_nothing_trained_are_replaced(tmp_path, what):
+    """A run stopped before it trained (refused for its data, say) guards nothing: the corrected
+    command runs and records its own settings; once a checkpoint is there, they are guarded."""
+    if what != "nothing":
+        (tmp_path / "checkpoints").mkdir()
+    runs.check_or_save_settings(tmp_path, {**SETTINGS, "data_dir": "data/imbd"})
+    runs.check_or_save_settings(tmp_path, SETTINGS, write=False)          # the other processes: no refusal
+    runs.check_or_save_settings(tmp_path, SETTINGS)
+    assert json.loads((tmp_path / "run.json").read_text()) == SETTINGS
+    (tmp_path / "checkpoints").mkdir(exist_ok=True)
+    (tmp_path / "checkpoints" / "100").mkdir()
+    with pytest.raises(runs.SettingsMismatch, match='--data-dir: saved "data/imdb", now "data/imbd"'):
+        runs.check_or_save_settings(tmp_path, {**SETTINGS, "data_dir": "data/imbd"})
 
 
 def test_a_setting_that_is_not_json_is_refused(tmp_path):

@@ -74,6 +74,10 @@ def test_three_stages_evaluate_and_predict(tmp_path):
                           tmp_path / "refused", *TINY, "--max-steps", "1")
     assert "the encoder's vocabulary" in refused and "is not the data's" in refused
     assert not (tmp_path / "refused" / "last").exists()
+    # the corrected command (the right data) runs in the same folder: the refused run trained nothing to guard
+    fixed = run("train_classifier.py", "--data", data, "--encoder", finetuned["encoder"], "--out",
+                tmp_path / "refused", *TINY, "--max-steps", "1")
+    assert fixed["step"] == 1
     # an encoder fixes the architecture: flags that contradict it are refused, not ignored
     refused = run_failing("train_classifier.py", "--data", data, "--encoder", finetuned["encoder"], "--out",
                           tmp_path / "refused_arch", *TINY, "--n-hid", "32", "--arch", "qrnn", "--max-steps", "1")

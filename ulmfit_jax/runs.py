@@ -92,14 +92,16 @@ def check_or_save_settings(out: Path, settings: dict, *, write: bool = True) -> 
     `settings` are the parsed command-line flags less those that may change between reruns
     (where to log, how often to print, ...), as a JSON-able dict; values are compared after a
     JSON round trip, so a tuple equals a list and a Path its string. Raises `SettingsMismatch`
-    naming every flag that differs (a key on one side only differs too). The file is written
-    through a temporary file and a rename, so it is whole or absent, never half-written; with
-    `write=False` (the processes other than 0 of a multi-process run) it is only read, if there.
+    naming every flag that differs (a key on one side only differs too). The settings guard only
+    what was trained: a `run.json` beside no checkpoint, metrics or model (a run stopped before it
+    trained, e.g. refused for its data) is replaced, so the corrected command just runs. The file
+    is written through a temporary file and a rename, so it is whole or absent, never half-written;
+    with `write=False` (the processes other than 0 of a multi-process run) it is only read, if there.
     """
     out = Path(out)
     path = out / SETTINGS_FILE
     now = _normalised(settings)
-    if path.is_file():
+    if path.is_file() and holds_training(out):
         try:
             saved = json.loads(path.read_text())
         except ValueError as error:
@@ -111,9 +113,17 @@ def check_or_save_settings(out: Path, settings: dict, *, write: bool = True) -> 
         if differences:
             raise SettingsMismatch(path, differences)
         return
-    if write:
+    if write:                    # a first run, or one stopped before it trained (say on bad data)
         text = json.dumps(now, indent=1, sort_keys=True) + "\n"
         _atomic_write(path, lambda handle: handle.write(text.encode()))
+
+
+def holds_training(out: Path) -> bool:
+    """Whether a run folder holds anything a run trained: a checkpoint, metrics, a model."""
+    out = Path(out)
+    checkpoints = out / "checkpoints"
+    return (any(os.path.lexists(out / name) for name in ("metrics.jsonl", "best", "last"))
+            or (checkpoints.is_dir() and any(checkpoints.iterdir())))
 
 
 def move_aside(out: Path, names=RUN_ITEMS) -> Path | None:
