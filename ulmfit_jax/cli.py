@@ -347,7 +347,7 @@ def document_subset(documents, labels, n: int, seed: int, flag: str):
     runs and data sets cut to a machine's size), in their original order. With labels the choice
     is balanced, n // classes of each class (the first n % classes classes one more), so a few
     labelled examples cover every class. ValueError when n is not positive, exceeds the documents
-    or a class's share.  -> (documents, labels or None)."""
+    or a class's share. -> (documents, labels or None)."""
     import numpy as np
     if n < 1 or n > len(documents):
         raise ValueError(f"{flag} {n}: need between 1 and the {len(documents)} documents there are")
