@@ -24,7 +24,6 @@ its scripts resume from their own checkpoints). OUT/results.json and OUT/results
 summary, also the last stdout line.
 
     .venv/bin/python experiments/imdb.py --pretrained runs/bench_small_data/pretrain/words_1500000/lm/best
-    .venv/bin/python experiments/imdb.py --out runs/imdb_smoke --max-steps 5 --lm-docs 200 --train-docs 100
 """
 
 from __future__ import annotations
