@@ -115,10 +115,9 @@ def main(argv=None):
         final_params, final_stats, history, throughput = cli.run_training(fit, log, started, args.out / "checkpoints")
     except ValueError as error:
         raise SystemExit(f"error: {error}")
-    result = {"stage": "classifier", "model": str(args.out / "last")}
-    if history:
-        result.update({k: history[-1].get(k) for k in ("epoch", "step", "train_loss", "valid_loss", "valid_accuracy",
-                                                       "valid_macro_f1")})
+    final = cli.final_epoch(args.out, history)
+    result = {"stage": "classifier", "model": str(args.out / "last"), **{k: final.get(k) for k in (
+        "epoch", "step", "train_loss", "valid_loss", "valid_accuracy", "valid_macro_f1")}}
     if test_documents:
         # the training batches' shapes, so that the test set reuses the validation's compiled programs
         settings, _ = train.classifier_layout(config, train_docs, args.bs, args.backwards)

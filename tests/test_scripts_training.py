@@ -23,7 +23,8 @@ def run(script, *args, timeout=600):
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *map(str, args)],
                             capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    # strict JSON: a NaN or Infinity in the last line fails
+    return json.loads(result.stdout.strip().splitlines()[-1], parse_constant=lambda name: pytest.fail(name))
 
 
 def run_failing(script, *args, timeout=300):
@@ -39,12 +40,9 @@ def test_three_stages_evaluate_and_predict(tmp_path):
     assert prepared["docs"] == 5952
     lm = run("pretrain_lm.py", "--data", data, "--out", tmp_path / "lm", *TINY, "--bs", "32", "--max-steps", "25")
     assert lm["step"] == 25 and lm["tokens_per_s"] > 0 and lm["compile_seconds"] > 0
-    # the same command again: nothing left to train; it reports the finished run, in strict JSON
-    again = subprocess.run([sys.executable, str(ROOT / "scripts" / "pretrain_lm.py"), "--data", str(data), "--out",
-                            str(tmp_path / "lm"), *TINY, "--bs", "32", "--max-steps", "25"],
-                           capture_output=True, text=True, timeout=300)
-    rerun = json.loads(again.stdout.splitlines()[-1], parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
-    assert again.returncode == 0 and rerun["step"] == 25 and rerun["valid_loss"] == lm["valid_loss"]
+    # the same command again: nothing left to train; it reports the finished run
+    rerun = run("pretrain_lm.py", "--data", data, "--out", tmp_path / "lm", *TINY, "--bs", "32", "--max-steps", "25")
+    assert rerun["step"] == 25 and rerun["valid_loss"] == lm["valid_loss"] and rerun["tokens_per_s"] is None
     finetuned = run("finetune_lm.py", "--data", data, "--pretrained", tmp_path / "lm" / "best", "--out",
                     tmp_path / "ft", *TINY, "--bs", "32", "--epochs", "1", "--max-steps", "30")
     assert Path(finetuned["encoder"], "params.npz").is_file()
@@ -57,6 +55,11 @@ def test_three_stages_evaluate_and_predict(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "clas" / "metrics.jsonl").read_text().splitlines()]
     assert [r["trainable"] for r in records if "epoch" in r][:2] == [[3], [2, 3]]
     assert (tmp_path / "clas" / "classifier_metrics.png").is_file()
+
+    rerun = run("train_classifier.py", "--data", data, "--encoder", finetuned["encoder"], "--out",
+                tmp_path / "clas", *TINY, "--bs", "64", "--epochs", "1")
+    assert {k: rerun[k] for k in ("step", "valid_loss", "test_accuracy")} == {
+        k: classifier[k] for k in ("step", "valid_loss", "test_accuracy")}
 
     evaluated = run("evaluate.py", "--model", tmp_path / "clas" / "last", "--data", data, "--split", "test")
     assert evaluated["documents"] == 500 and abs(evaluated["accuracy"] - classifier["test_accuracy"]) < 1e-9

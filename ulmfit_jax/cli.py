@@ -224,7 +224,8 @@ class RunLog:
     process 0 alone in a multi-process run."""
 
     def __init__(self, out: Path, stage: str):
-        self.path = out / "metrics.jsonl"
+        from ulmfit_jax.runs import METRICS_FILE
+        self.path = out / METRICS_FILE
         self.plot_path = out / f"{stage}_metrics.png"
         self.stage = stage
         self.records: list[dict] = []
@@ -271,10 +272,11 @@ def finish(result: dict, throughput, started: float) -> None:
 def final_epoch(out: Path, history: list[dict]) -> dict:
     """The run's last epoch record: this process's, or, for a rerun of a finished run (which has no
     epoch left to train), the last one in `out/metrics.jsonl`."""
+    from ulmfit_jax.runs import METRICS_FILE
     if history:
         return history[-1]
     try:
-        lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
+        lines = (Path(out) / METRICS_FILE).read_text().splitlines()
     except OSError:
         return {}
     epochs = [record for record in map(json.loads, lines) if "epoch" in record]

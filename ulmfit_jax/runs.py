@@ -21,7 +21,8 @@ from pathlib import Path
 from ulmfit_jax.checkpoint import _atomic_write
 
 SETTINGS_FILE = "run.json"
-RUN_ITEMS = ("checkpoints", SETTINGS_FILE, "metrics.jsonl", "best", "last")
+METRICS_FILE = "metrics.jsonl"
+RUN_ITEMS = ("checkpoints", SETTINGS_FILE, METRICS_FILE, "best", "last")
 PREVIOUS = "previous"
 
 
@@ -119,11 +120,13 @@ def check_or_save_settings(out: Path, settings: dict, *, write: bool = True) -> 
 
 
 def holds_training(out: Path) -> bool:
-    """Whether a run folder holds anything a run trained: a checkpoint, metrics, a model."""
-    out = Path(out)
-    checkpoints = out / "checkpoints"
-    return (any(os.path.lexists(out / name) for name in ("metrics.jsonl", "best", "last"))
-            or (checkpoints.is_dir() and any(checkpoints.iterdir())))
+    """Whether a run folder holds anything a run trained: a run item besides its settings (an
+    empty checkpoints folder does not count)."""
+    for name in RUN_ITEMS:
+        path = Path(out) / name
+        if name != SETTINGS_FILE and os.path.lexists(path) and (name != "checkpoints" or any(path.iterdir())):
+            return True
+    return False
 
 
 def move_aside(out: Path, names=RUN_ITEMS) -> Path | None:
