@@ -85,11 +85,7 @@ def main(argv=None):
                                                                              "weight_p")}}),
         output_p=config.output_p, tie_weights=pretrained_config.tie_weights, out_bias=pretrained_config.out_bias)
     documents, _ = cli.split_documents(data, ("train", "unsup", "test") if args.include_test_text else ("train", "unsup"))
-    if args.max_docs is not None:
-        try:
-            documents, _ = cli.document_subset(documents, None, args.max_docs, args.seed, "--max-docs")
-        except ValueError as error:
-            raise SystemExit(f"error: {error}")
+    documents, _ = cli.document_subset(documents, None, args.max_docs, args.seed, "--max-docs")
     train_docs, _, valid_docs, _ = cli.validation_split(data, documents, None, args.seed)
     stages = stages_for(args, optim.n_groups(optim.layer_group_labels(params, "lm")))
     final_params, history, throughput = cli.fit_language_model_from_args(

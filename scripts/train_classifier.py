@@ -67,11 +67,7 @@ def main(argv=None):
     if data.classes is None or data.splits.get("train") is None or data.splits["train"].labels is None:
         raise SystemExit(f"error: {args.data} has no labelled train split")
     documents, labels = cli.split_documents(data, ("train",))
-    if args.train_docs is not None:
-        try:
-            documents, labels = cli.document_subset(documents, labels, args.train_docs, args.seed, "--train-docs")
-        except ValueError as error:
-            raise SystemExit(f"error: {error}")
+    documents, labels = cli.document_subset(documents, labels, args.train_docs, args.seed, "--train-docs")
     if not documents:
         raise SystemExit(f"error: {args.data}: the training set is empty")
     train_docs, train_labels, valid_docs, valid_labels = cli.validation_split(data, documents, labels, args.seed)

@@ -1,5 +1,11 @@
 """cli: the set-up the scripts share."""
 
+import json
+import math
+import time
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 
 from ulmfit_jax import cli
@@ -14,7 +20,6 @@ def test_keep_freed_memory_sets_glibc_malloc_unless_turned_off(monkeypatch):
 
 
 def test_document_subset_is_balanced_seeded_and_keeps_the_order():
-    import numpy as np
     labels = np.array([0] * 50 + [1] * 30 + [2] * 20)
     documents = [np.array([i]) for i in range(100)]
     chosen, chosen_labels = cli.document_subset(documents, labels, 10, seed=3, flag="--train-docs")
@@ -26,23 +31,20 @@ def test_document_subset_is_balanced_seeded_and_keeps_the_order():
     assert [int(d[0]) for d in again] == rows != [int(d[0]) for d in other]
     unlabelled, none = cli.document_subset(documents, None, 7, seed=0, flag="--max-docs")
     assert none is None and len({int(d[0]) for d in unlabelled}) == 7
+    every, every_label = cli.document_subset(documents, labels, None, seed=0, flag="--train-docs")
+    assert every is documents and every_label is labels
 
 
 @pytest.mark.parametrize("n, message", [(0, "between 1 and the 100"), (101, "between 1 and the 100"),
                                         (2, "at least one of each of the 3 classes"),
                                         (70, "class 2 has 20 documents, a balanced choice needs 23")])
 def test_document_subset_refuses_what_it_cannot_choose(n, message):
-    import numpy as np
     labels = np.array([0] * 50 + [1] * 30 + [2] * 20)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(SystemExit, match=message):
         cli.document_subset([np.array([i]) for i in range(100)], labels, n, seed=0, flag="--train-docs")
 
 
 def test_finish_prints_strict_json_and_final_epoch_reads_a_finished_run(tmp_path, capsys):
-    import json
-    import math
-    import time
-    from types import SimpleNamespace
     cli.finish({"stage": "pretrain", "valid_loss": 1.25}, SimpleNamespace(tokens_per_second=math.nan,
                                                                         compile_seconds=0.0), time.time())
     printed = json.loads(capsys.readouterr().out, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))

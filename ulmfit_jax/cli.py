@@ -344,28 +344,32 @@ def split_documents(data, names):
     return documents, (np.concatenate(labels) if labels else None)
 
 
-def document_subset(documents, labels, n: int, seed: int, flag: str):
+def document_subset(documents, labels, n: int | None, seed: int, flag: str):
     """`n` of the documents chosen by `seed` (`--train-docs`, `--max-docs`: the paper's low-shot
-    runs and data sets cut to a machine's size), in their original order. With labels the choice
-    is balanced, n // classes of each class (the first n % classes classes one more), so a few
-    labelled examples cover every class. ValueError when n is not positive, exceeds the documents
-    or a class's share. -> (documents, labels or None)."""
+    runs and data sets cut to a machine's size), in their original order; all of them for n None.
+    With labels the choice is balanced, n // classes of each class (the first n % classes classes
+    one more), so a few labelled examples cover every class. SystemExit, naming `flag`, when n is
+    not positive, exceeds the documents or a class's share. -> (documents, labels or None)."""
     import numpy as np
+    if n is None:
+        return documents, labels
     if n < 1 or n > len(documents):
-        raise ValueError(f"{flag} {n}: need between 1 and the {len(documents)} documents there are")
+        raise SystemExit(f"error: {flag} {n}: need between 1 and the {len(documents)} documents there are")
     rng = np.random.default_rng(seed)
     if labels is None:
         chosen = np.sort(rng.choice(len(documents), size=n, replace=False))
         return [documents[i] for i in chosen], None
     classes = np.unique(labels)
     if n < len(classes):
-        raise ValueError(f"{flag} {n}: a balanced choice needs at least one of each of the {len(classes)} classes")
+        raise SystemExit(f"error: {flag} {n}: a balanced choice needs at least one of each of the "
+                         f"{len(classes)} classes")
     chosen = []
     for position, label in enumerate(classes):
         rows = np.flatnonzero(labels == label)
         share = n // len(classes) + (position < n % len(classes))
         if share > len(rows):
-            raise ValueError(f"{flag} {n}: class {label} has {len(rows)} documents, a balanced choice needs {share}")
+            raise SystemExit(f"error: {flag} {n}: class {label} has {len(rows)} documents, a balanced choice "
+                             f"needs {share}")
         chosen.append(rng.choice(rows, size=share, replace=False))
     chosen = np.sort(np.concatenate(chosen))
     return [documents[i] for i in chosen], labels[chosen]
