@@ -43,13 +43,16 @@ def import_weights(args) -> dict:
     state_dict = convert.read_state_dict(args.weights)
     _, kind = convert.detect_format(state_dict)
     vocab = load_vocab_pickle(args.vocab)
+    window = {k: v for k, v in (("bptt", args.bptt), ("max_len", args.max_len)) if v is not None}
     if kind == "language_model":
+        if window:
+            raise SystemExit("error: --bptt and --max-len are a classifier's; the weights are a language model's")
         config, params = convert.import_language_model(state_dict)
         batch_stats = None
     else:
         config, params, batch_stats = convert.import_classifier(state_dict)
         # a state dict does not hold BPT3C's window and max_len, on which fastai's pooled features depend
-        config = dataclasses.replace(config, bptt=args.bptt, max_len=None if args.max_len == 0 else args.max_len)
+        config = dataclasses.replace(config, **{k: None if v == 0 else v for k, v in window.items()})
     if len(vocab) != config.encoder.vocab_size:
         raise SystemExit(f"error: {args.vocab} has {len(vocab)} tokens but the weights' embedding has "
                          f"{config.encoder.vocab_size} rows")
@@ -89,9 +92,8 @@ def main(argv=None):
                          help="how the vocabulary's text was tokenized (default fast: fastai's spaCy tokens)")
     to_ours.add_argument("--sentencepiece-model", type=Path, help="the SentencePiece model (--tokenizer sentencepiece)")
     to_ours.add_argument("--add-eos", action="store_true", help="the texts ended with xxeos (fastai's add_eos)")
-    to_ours.add_argument("--bptt", type=int, default=72,
-                         help="a classifier's BPT3C window, as it was trained (default fastai's 72)")
-    to_ours.add_argument("--max-len", type=int, default=72 * 20,
+    to_ours.add_argument("--bptt", type=int, help="a classifier's BPT3C window, as it was trained (default fastai's 72)")
+    to_ours.add_argument("--max-len", type=int,
                          help="a classifier's BPT3C max_len, 0 for none (default fastai's 72 * 20)")
     to_fastai = commands.add_parser("export", help="ulmfit_jax model directory -> fastai v2 .pth + vocab pickle")
     to_fastai.add_argument("--model", type=Path, required=True, help="ulmfit_jax model directory")

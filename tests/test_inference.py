@@ -236,9 +236,15 @@ def test_the_scripts_read_text_with_the_model_tokenizer(trained, tmp_path):
     run("convert_fastai.py", "export", "--model", model_dir, "--weights", tmp_path / "clas.pth",
         "--vocab", tmp_path / "itos.pkl")
     trained_config = checkpoint.load_model(model_dir)["config"]        # the window is not in the weights
-    run("convert_fastai.py", "import", "--weights", tmp_path / "clas.pth", "--vocab", tmp_path / "itos.pkl",
-        "--out", tmp_path / "imported", "--tokenizer", "sentencepiece", "--sentencepiece-model",
-        trained["data"] / "spm.model", "--bptt", trained_config.bptt, "--max-len", trained_config.max_len)
+    spm = ["--tokenizer", "sentencepiece", "--sentencepiece-model", trained["data"] / "spm.model"]
+    imported = json.loads(run("convert_fastai.py", "import", "--weights", tmp_path / "clas.pth", "--vocab",
+                              tmp_path / "itos.pkl", "--out", tmp_path / "imported", *spm, "--bptt",
+                              trained_config.bptt, "--max-len", trained_config.max_len).stdout.splitlines()[-1])
+    assert (imported["bptt"], imported["max_len"]) == (trained_config.bptt, trained_config.max_len)
+    defaults = json.loads(run("convert_fastai.py", "import", "--weights", tmp_path / "clas.pth", "--vocab",
+                              tmp_path / "itos.pkl", "--out", tmp_path / "fastai_window", *spm, "--max-len", 0)
+                          .stdout.splitlines()[-1])
+    assert (defaults["bptt"], defaults["max_len"]) == (72, None)          # fastai's window; 0: no max_len
     imported = ulmfit_jax.load_classifier(tmp_path / "imported")
     np.testing.assert_allclose(imported.predict(trained["texts"]).probabilities,
                                ulmfit_jax.load_classifier(model_dir).predict(trained["texts"]).probabilities, atol=1e-6)

@@ -81,6 +81,9 @@ def test_bad_inputs_get_clear_errors(tmp_path):
     result = run("convert_fastai.py", "import", "--weights", tmp_path / "lm.pth", "--vocab", tmp_path / "short.pkl",
                  "--out", tmp_path / "model", check=False)
     assert result.returncode != 0 and "has 2 tokens but the weights' embedding has 10 rows" in result.stderr
+    result = run("convert_fastai.py", "import", "--weights", tmp_path / "lm.pth", "--vocab", tmp_path / "short.pkl",
+                 "--out", tmp_path / "model", "--bptt", "20", check=False)
+    assert result.returncode != 0 and "--bptt and --max-len are a classifier's" in result.stderr
 
     (tmp_path / "ok.pkl").write_bytes(pickle.dumps([f"t{i}" for i in range(10)]))
     run("convert_fastai.py", "import", "--weights", tmp_path / "lm.pth", "--vocab", tmp_path / "ok.pkl",
