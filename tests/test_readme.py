@@ -82,7 +82,10 @@ def test_the_inference_example(tmp_path, monkeypatch):
 def test_the_functions_example():
     namespace, _ = run_block(block("language_model_apply("), "using the functions")
     assert namespace["logits"].shape == (8, 70, 1_000) and np.isfinite(namespace["logits"]).all()
-    assert namespace["raw"][-1].shape == namespace["dropped"][-1].shape
+    emb = namespace["config"].encoder.emb_size
+    assert namespace["raw"].shape == namespace["dropped"].shape == (8, 70, emb)
+    assert jax.tree.structure(namespace["state"]) == jax.tree.structure(
+        namespace["encoder"].initial_state(namespace["config"].encoder, batch_size=8))
 
 
 def test_the_custom_training_loop_trains_a_classifier():
