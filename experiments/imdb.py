@@ -52,10 +52,8 @@ def step(args, name: str, command: list) -> dict:
     record = args.out / "steps" / f"{name}.json"
     if record.exists():
         return json.loads(record.read_text())
-    extra = ["--max-steps", str(args.max_steps)] if args.max_steps and name.split("_")[0] in (
-        "finetune", "classifier") else []
     (args.out / "logs").mkdir(exist_ok=True)
-    timed = timed_run([sys.executable, *map(str, command), *extra], log_path=args.out / "logs" / f"{name}.log")
+    timed = timed_run([sys.executable, *command], log_path=args.out / "logs" / f"{name}.log")
     result = {**timed.result, "wall_seconds": round(timed.wall, 1), "cpu_seconds": round(timed.cpu, 1)}
     record.parent.mkdir(exist_ok=True)
     record.write_text(json.dumps(result))
@@ -113,7 +111,6 @@ def main(argv=None):
     parser.add_argument("--lm-docs", type=int, default=6_000, help="train + unsup reviews for LM fine-tuning")
     parser.add_argument("--train-docs", type=int, default=2_500, help="labelled training reviews, balanced")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-steps", type=int, help="cap every fine-tuning and classifier run (a smoke test)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -142,8 +139,7 @@ def main(argv=None):
                 f"train and unsup reviews (1 epoch of the last group, 1 of all); classifiers on {args.train_docs:,} "
                 "of the 25,000 labelled training reviews (balanced; 10% of them for validation), gradual unfreezing "
                 "one epoch per stage and one epoch of all groups; bptt 70, BPT3C max_len 1,440 (the last 21 "
-                "windows of a review carry gradients)."
-                + (f" Smoke test: every run capped at {args.max_steps} steps." if args.max_steps else "")),
+                "windows of a review carry gradients)."),
         "test_reviews": results["ensemble"].get("documents"),
         "test_error": {"forward": 1 - results["classifier_forward"]["test_accuracy"],
                        "backward": 1 - results["classifier_backward"]["test_accuracy"],
