@@ -1,6 +1,10 @@
 """Training steps and loops: freezing, compile counts, reading losses, resuming, several devices."""
 
 import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -102,6 +106,32 @@ def test_four_devices_give_the_losses_and_parameters_of_one():
     assert four["encoder"]["embed"].sharding.num_devices == 4
     np.testing.assert_allclose(history_four[-1]["train_loss"], history_one[-1]["train_loss"], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5), four, one)
+
+
+def test_forced_devices_run_independent_collectives_without_deadlock():
+    """The tests' 4 CPU devices on this machine's few cores: a program whose devices have several
+    all-gathers in flight at once aborts after XLA's 40 s rendezvous timeout unless the thread pool
+    is wide enough (conftest's PJRT_NPROC; the scripts the tests run inherit the environment)."""
+    program = textwrap.dedent("""
+        import jax, jax.numpy as jnp
+        from jax.sharding import Mesh, PartitionSpec as P
+        mesh = Mesh(jax.devices(), ("d",))
+
+        def body(carry, _):
+            gathered = [jax.lax.all_gather(jnp.tanh(carry * (k + 1)), "d", tiled=True)[:carry.shape[0]] for k in range(4)]
+            return carry + 1e-3 * sum(gathered), None
+
+        step = jax.jit(jax.shard_map(lambda x: jax.lax.scan(body, x, None, length=200)[0],
+                                     mesh=mesh, in_specs=P("d"), out_specs=P("d")))
+        x = jnp.ones((4 * 64, 32))
+        for _ in range(100):
+            x = step(x)
+        print(jax.device_count(), bool(jnp.isfinite(x).all()))
+    """)
+    result = subprocess.run([sys.executable, "-c", program], env=dict(os.environ), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-1500:]
+    assert result.stdout.split() == ["4", "True"]
 
 
 def test_classifier_learns_a_separable_task_with_gradual_unfreezing():
