@@ -10,7 +10,8 @@ data's vocabulary as fastai's `match_embeds` does. The stages are `--recipe`'s (
 the default, fastai's tutorial: the last layer group (embedding + decoder) alone for
 `--freeze-epochs` at `--frozen-lr`, then every group for `--epochs` at `--lr` (1 epoch at 1e-2,
 then 10 at 1e-3 by default). Text of the train and unsup splits is used (`--include-test-text`
-adds the test split's; `--max-docs N` takes N of them), labels are not. Writes `out/best`,
+adds the test split's; `--max-docs N` takes N of them), labels are not; `--labelled-docs N` takes
+the text of only the N labelled reviews `train_classifier.py --train-docs N` trains on. Writes `out/best`,
 `out/last`, `out/encoder` (for train_classifier.py --encoder). Last stdout line: JSON.
 """
 
@@ -70,6 +71,9 @@ def main(argv=None):
     parser.add_argument("--frozen-lr", type=float, default=1e-2, help="learning rate of the recipe's frozen stage")
     parser.add_argument("--max-docs", type=int, help="fine-tune on this many of the documents, chosen by --seed "
                         "(the validation split is taken from them)")
+    parser.add_argument("--labelled-docs", type=int, help="fine-tune on the text of only the N labelled training "
+                        "documents that train_classifier.py --train-docs N picks with the same --seed (the "
+                        "paper's 'supervised' low-shot setting)")
     parser.add_argument("--include-test-text", action="store_true",
                         help="also fine-tune on the test split's text (no labels; fastai's IMDb notebooks do)")
     args = parser.parse_args(argv)
@@ -84,8 +88,18 @@ def main(argv=None):
                                  **{k: getattr(config.encoder, k) for k in ("hidden_p", "input_p", "embed_p",
                                                                              "weight_p")}}),
         output_p=config.output_p, tie_weights=pretrained_config.tie_weights, out_bias=pretrained_config.out_bias)
-    documents, _ = cli.split_documents(data, ("train", "unsup", "test") if args.include_test_text else ("train", "unsup"))
-    documents, _ = cli.document_subset(documents, None, args.max_docs, args.seed, "--max-docs")
+    if args.labelled_docs is not None:
+        if args.max_docs is not None or args.include_test_text:
+            raise SystemExit("error: --labelled-docs chooses the documents; it does not go with --max-docs or "
+                             "--include-test-text")
+        if data.splits.get("train") is None or data.splits["train"].labels is None:
+            raise SystemExit(f"error: --labelled-docs: {args.data} has no labelled train split")
+        documents, labels = cli.split_documents(data, ("train",))
+        documents, _ = cli.document_subset(documents, labels, args.labelled_docs, args.seed, "--labelled-docs")
+    else:
+        documents, _ = cli.split_documents(
+            data, ("train", "unsup", "test") if args.include_test_text else ("train", "unsup"))
+        documents, _ = cli.document_subset(documents, None, args.max_docs, args.seed, "--max-docs")
     train_docs, _, valid_docs, _ = cli.validation_split(data, documents, None, args.seed)
     stages = stages_for(args, optim.n_groups(optim.layer_group_labels(params, "lm")))
     final_params, history, throughput = cli.fit_language_model_from_args(
@@ -96,7 +110,8 @@ def main(argv=None):
         checkpoint.save_encoder(args.out / "encoder", config.encoder, encoder_params, data.vocab,
                                 tokenizer=cli.checked_data_tokenizer(args.data))
     final = cli.final_epoch(args.out, history)
-    cli.finish({"stage": "finetune", "encoder": str(args.out / "encoder"), **{k: final.get(k) for k in (
+    cli.finish({"stage": "finetune", "encoder": str(args.out / "encoder"), "documents": len(documents),
+                **{k: final.get(k) for k in (
         "epoch", "step", "train_loss", "valid_loss", "valid_perplexity", "valid_accuracy")}}, throughput, started)
 
 

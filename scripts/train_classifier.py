@@ -12,7 +12,8 @@ stage's rate. Schedules: one-cycle (`--preset fastai`) or STLR (`--preset
 paper`) unless the recipe sets its own. Without `--encoder` the classifier trains from scratch
 (the fastai recipe: every group, `--epochs` + 3 epochs at lr/4). Validation on
 'valid' / 'dev' (or 10% of train), test metrics at the end when the data has a test split.
-`--train-docs N` trains on N labelled documents, balanced over the classes (low-shot runs). Writes
+`--train-docs N` trains on N labelled documents, balanced over the classes (low-shot runs);
+`--test-docs N` tests on a fixed balanced N of the test documents. Writes
 `out/best`, `out/last`, metrics and plots; last stdout line JSON.
 """
 
@@ -43,6 +44,8 @@ def stages_for(args, n_groups, from_scratch):
     except ValueError as error:
         raise SystemExit(f"error: --recipe {recipe.name}: {error}")
 
+TEST_SUBSET_SEED = 0     # --test-docs: one subset for every --seed, so that runs compare on the same documents
+
 
 def main(argv=None):
     started = time.time()
@@ -54,6 +57,8 @@ def main(argv=None):
     parser.add_argument("--chain-thaw", action="store_true", help="the same as --recipe chain-thaw")
     parser.add_argument("--train-docs", type=int, help="train on this many of the labelled training documents, "
                         "balanced over the classes and chosen by --seed (the validation split is taken from them)")
+    parser.add_argument("--test-docs", type=int, help="test metrics on this many of the test documents, balanced "
+                        "over the classes and the same for every --seed (a fixed test subset)")
     parser.add_argument("--no-discriminative", action="store_true",
                         help="every group at the stage's rate (recipes.without_discriminative)")
     args = parser.parse_args(argv)
@@ -96,7 +101,12 @@ def main(argv=None):
     regularization = train.RegularizationConfig(label_smoothing=cli.label_smoothing(args))
 
     test = data.splits.get("test")
-    test_documents = test.documents if test is not None and test.labels is not None else []
+    test_documents, test_labels = [], None
+    if test is not None and test.labels is not None:
+        test_documents, test_labels = cli.document_subset(test.documents, np.asarray(test.labels), args.test_docs,
+                                                          TEST_SUBSET_SEED, "--test-docs")
+    elif args.test_docs is not None:
+        raise SystemExit(f"error: --test-docs: {args.data} has no labelled test split")
 
     def fit(checkpointer):
         return train.fit_classifier(
@@ -120,8 +130,8 @@ def main(argv=None):
         probabilities = predict.predict_classifier(predict.classifier_predictor(config),
                                                    *parallel.local_copy((final_params, final_stats)),
                                                    test_documents, settings)
-        scores = metrics.classification_metrics(probabilities, np.asarray(test.labels))
-        result.update({f"test_{k}": v for k, v in scores.items()})
+        scores = metrics.classification_metrics(probabilities, test_labels)
+        result.update({"test_documents": len(test_documents), **{f"test_{k}": v for k, v in scores.items()}})
     cli.finish(result, throughput, started)
 
 

@@ -46,6 +46,13 @@ def test_three_stages_evaluate_and_predict(tmp_path):
     finetuned = run("finetune_lm.py", "--data", data, "--pretrained", tmp_path / "lm" / "best", "--out",
                     tmp_path / "ft", *TINY, "--bs", "32", "--epochs", "1", "--max-steps", "30")
     assert Path(finetuned["encoder"], "params.npz").is_file()
+    # the paper's "supervised" low-shot LM: the text of only the labelled reviews the classifier trains on
+    labelled = run("finetune_lm.py", "--data", data, "--pretrained", tmp_path / "lm" / "best", "--out",
+                   tmp_path / "ft_labelled", *TINY, "--bs", "8", "--labelled-docs", "60", "--max-steps", "1")
+    assert labelled["documents"] == 60 and finetuned["documents"] == 5452
+    refused = run_failing("finetune_lm.py", "--data", data, "--pretrained", tmp_path / "lm" / "best", "--out",
+                          tmp_path / "ft_refused", *TINY, "--labelled-docs", "60", "--max-docs", "100")
+    assert "--labelled-docs chooses the documents; it does not go with --max-docs" in refused
     classifier = run("train_classifier.py", "--data", data, "--encoder", finetuned["encoder"], "--out",
                      tmp_path / "clas", *TINY, "--bs", "64", "--epochs", "1")
     test_labels = np.asarray(load_prepared(data).splits["test"].labels)
@@ -79,8 +86,8 @@ def test_three_stages_evaluate_and_predict(tmp_path):
     assert not (tmp_path / "refused" / "last").exists()
     # the corrected command (the right data) runs in the same folder: the refused run trained nothing to guard
     fixed = run("train_classifier.py", "--data", data, "--encoder", finetuned["encoder"], "--out",
-                tmp_path / "refused", *TINY, "--max-steps", "1")
-    assert fixed["step"] == 1
+                tmp_path / "refused", *TINY, "--max-steps", "1", "--test-docs", "48")
+    assert fixed["step"] == 1 and fixed["test_documents"] == 48 and classifier["test_documents"] == 500
     # an encoder fixes the architecture: flags that contradict it are refused, not ignored
     refused = run_failing("train_classifier.py", "--data", data, "--encoder", finetuned["encoder"], "--out",
                           tmp_path / "refused_arch", *TINY, "--n-hid", "32", "--arch", "qrnn", "--max-steps", "1")
