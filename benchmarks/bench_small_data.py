@@ -27,7 +27,10 @@ perplexity for the LM) and predicts the test set with its last classifier, as ou
 The recipe (defaults): fine-tuning `--freeze-epochs 1 --epochs 4 --bs 32` at finetune_lm.py's
 default learning rates; the classifier `--epochs 4 --bs 64` at train_classifier.py's default lr
 (gradual unfreezing, then 4 epochs of all groups); bptt 70. `--quick`: 1 epoch where the recipe
-has 4 (a smoke test, not the recipe).
+has 4 (a smoke test, not the recipe). `--datasets imdb1000` (not in the default set): IMDb at
+1,000 labels, semi-supervised, the paper's low-shot point with experiments/lowshot_imdb.py's recipe
+(`DATASET_FLAGS`: `--max-docs`, `--train-docs` and `--test-docs` subsets, which the fastai side takes
+as our scripts choose them).
 
 Cold caches: every run of ours gets a fresh, empty `--compilation-cache` folder (shared by its two
 scripts). `--warm` reruns ours right after each cold run with that folder kept, for the wall time
@@ -62,7 +65,15 @@ sys.path.insert(0, str(ROOT))
 
 from common import git_state, machine, timed_run, versions  # noqa: E402  (benchmarks/ is on sys.path)
 
-DATASETS = {"trec6": ("trec", "trec6"), "sst2": ("sst", "sst2")}      # name -> (folder in the data dir, --format)
+DATASETS = {"trec6": ("trec", "trec6"), "sst2": ("sst", "sst2"),    # name -> (folder in the data dir, --format)
+            "imdb1000": ("imdb", "imdb")}
+# IMDb at 1,000 labels, semi-supervised (the paper's low-shot point; experiments/lowshot_imdb.py's recipe
+# at 1,000): the LM fine-tuned on 6,000 train + unsup reviews, the classifier trained on 1,000 labelled
+# reviews and tested on a fixed 5,000; a vocabulary of the pretrained LM's size. Not in the default set.
+PREPARE_FLAGS = {"imdb1000": ["--max-vocab", "10000"]}
+DATASET_FLAGS = {"imdb1000": {
+    "finetune": ["--max-docs", "6000", "--freeze-epochs", "1", "--epochs", "1", "--bs", "64", "--bptt", "70"],
+    "classifier": ["--train-docs", "1000", "--test-docs", "5000", "--epochs", "1", "--bs", "64", "--bptt", "70"]}}
 SIDES = ("ours", "fastai")
 # The pretrained LM both sides start from: the demo's pretraining settings (ulmfit_jax.recipes.DemoSettings).
 PRETRAIN_FLAGS = ["--emb-sz", "128", "--n-hid", "384", "--n-layers", "2", "--epochs", "1", "--bs", "64",
@@ -70,11 +81,15 @@ PRETRAIN_FLAGS = ["--emb-sz", "128", "--n-hid", "384", "--n-layers", "2", "--epo
 PRETRAIN_VOCAB = ["--max-vocab", "10000", "--min-freq", "3"]
 
 
-def finetune_flags(quick: bool) -> list[str]:
+def finetune_flags(quick: bool, name: str | None = None) -> list[str]:
+    if name in DATASET_FLAGS:
+        return DATASET_FLAGS[name]["finetune"]
     return ["--freeze-epochs", "1", "--epochs", "1" if quick else "4", "--bs", "32", "--bptt", "70"]
 
 
-def classifier_flags(quick: bool) -> list[str]:
+def classifier_flags(quick: bool, name: str | None = None) -> list[str]:
+    if name in DATASET_FLAGS:
+        return DATASET_FLAGS[name]["classifier"]
     return ["--epochs", "1" if quick else "4", "--bs", "64", "--bptt", "70"]
 
 
@@ -90,7 +105,7 @@ def prepare_dataset(args, name: str) -> Path:
     out = args.out / "data" / name
     if not (out / "meta.json").exists():
         timed_run([python(), SCRIPTS / "prepare_data.py", "--input", args.data_dir / folder, "--format", data_format,
-                   "--out", out, "--no-cache", "--no-progress"], log_path=args.out / f"prepare_{name}.log")
+                   "--out", out, "--no-cache", "--no-progress", *PREPARE_FLAGS.get(name, [])], log_path=args.out / f"prepare_{name}.log")
     return out
 
 
@@ -186,12 +201,16 @@ def fastai_stage(stage_epochs: int, optimizer, trainable, n_groups: int) -> dict
             "beta2": optimizer.beta2, "eps": optimizer.eps, "clip": optimizer.clip_norm}
 
 
-def document_selection(data, split_names, seed: int) -> dict:
-    """`cli.validation_split` over our scripts' documents, as (split, index) lists for fastai."""
+def document_selection(data, split_names, seed: int, subset=None, labelled: bool = False) -> dict:
+    """Our scripts' documents as (split, index) lists for fastai: `cli.document_subset` (`subset`: the
+    script's --max-docs / --train-docs, balanced over the labels when `labelled`), then
+    `cli.validation_split`, each over row numbers in place of the documents."""
     from ulmfit_jax import cli
     refs = [(name, i) for name in split_names if name in data.splits
             for i in range(len(data.splits[name].documents))]
-    train_rows, _, valid_rows, _ = cli.validation_split(data, list(range(len(refs))), None, seed)
+    labels = cli.split_documents(data, split_names)[1] if labelled else None
+    rows, labels = cli.document_subset(list(range(len(refs))), labels, subset, seed, "subset")
+    train_rows, _, valid_rows, _ = cli.validation_split(data, rows, labels, seed)
     named = [name for name, split in data.splits.items() if valid_rows is split.documents]
     if not named and not all(isinstance(row, int) for row in valid_rows):     # a named split, copied
         named = [name for name in ("valid", "dev") if name in data.splits][:1]
@@ -212,9 +231,9 @@ def fastai_plan(args, name: str, data_dir: Path, pretrained: dict, seed: int, ru
 
     data = load_prepared(data_dir)
     lm_argv = ["--data", data_dir, "--pretrained", pretrained["model"], "--out", run / "lm", "--seed", seed,
-               *finetune_flags(args.quick)]
+               *finetune_flags(args.quick, name)]
     clas_argv = ["--data", data_dir, "--encoder", run / "lm" / "encoder", "--out", run / "classifier",
-                 "--seed", seed, *classifier_flags(args.quick)]
+                 "--seed", seed, *classifier_flags(args.quick, name)]
     lm_module, lm_args = script_args("finetune_lm.py", lm_argv)
     clas_module, clas_args = script_args("train_classifier.py", clas_argv)
 
@@ -247,12 +266,15 @@ def fastai_plan(args, name: str, data_dir: Path, pretrained: dict, seed: int, ru
         "lm": {"bs": lm_args.bs, "bptt": lm_args.bptt, "n_groups": lm_groups, "stages": lm_stages,
                "config": dict(sizes, **dropouts(lm_config.encoder), output_p=lm_config.output_p,
                               tie_weights=pretrained_config.tie_weights, out_bias=pretrained_config.out_bias),
-               "documents": document_selection(data, ("train", "unsup"), seed)},
+               "documents": document_selection(data, ("train", "unsup"), seed, lm_args.max_docs)},
         "classifier": {"bs": clas_args.bs, "n_groups": clas_groups, "stages": clas_stages,
                        "seq_len": clas_config.bptt, "max_len": clas_config.max_len,
                        "lin_ftrs": list(clas_config.hidden_sizes), "ps": list(clas_config.head_ps[1:]),
                        "config": dict(sizes, **dropouts(clas_config.encoder), output_p=clas_config.head_ps[0]),
-                       "documents": document_selection(data, ("train",), seed)},
+                       "documents": document_selection(data, ("train",), seed, clas_args.train_docs, labelled=True),
+                       "test_rows": np.asarray(cli.document_subset(
+                           list(range(len(data.splits["test"].documents))), np.asarray(data.splits["test"].labels),
+                           clas_args.test_docs, clas_module.TEST_SUBSET_SEED, "--test-docs")[0]).tolist()},
         "argv": {"finetune_lm.py": [str(a) for a in lm_argv], "train_classifier.py": [str(a) for a in clas_argv]},
     }
 
@@ -354,8 +376,9 @@ def fastai_classifier(plan: dict) -> dict:
     label = lambda name, i: int(data.splits[name].labels[i])
     train = [(t, label(n, i)) for n, i, t in docs("train")]
     valid = [(t, label(n, i)) for n, i, t in docs("valid")]
-    test = [(torch.from_numpy(np.asarray(d, dtype=np.int64)), int(y))
-            for d, y in zip(data.splits["test"].documents, data.splits["test"].labels)]
+    test_split = data.splits["test"]
+    test = [(torch.from_numpy(np.asarray(test_split.documents[i], dtype=np.int64)), int(test_split.labels[i]))
+            for i in clas["test_rows"]]
     collate = partial(pad_input_chunk, pad_idx=clas["config"]["pad_token"], seq_len=clas["seq_len"])
     # fastai's TextDataLoaders for classification: SortedDL, shuffled and drop_last for training
     dls = DataLoaders(SortedDL(train, before_batch=collate, bs=clas["bs"], shuffle=True, drop_last=True),
@@ -391,9 +414,10 @@ def run_ours(args, name: str, data_dir: Path, pretrained: dict, seed: int, run: 
     persistent compilation cache."""
     common = ["--data", data_dir, "--seed", seed, "--compilation-cache", cache]
     finetune = timed_run([python(), SCRIPTS / "finetune_lm.py", *common, "--pretrained", pretrained["model"],
-                          "--out", run / "lm", *finetune_flags(args.quick)], log_path=run / "finetune.log")
+                          "--out", run / "lm", *finetune_flags(args.quick, name)], log_path=run / "finetune.log")
     classifier = timed_run([python(), SCRIPTS / "train_classifier.py", *common, "--encoder", run / "lm" / "encoder",
-                            "--out", run / "classifier", *classifier_flags(args.quick)], log_path=run / "classifier.log")
+                            "--out", run / "classifier", *classifier_flags(args.quick, name)],
+                           log_path=run / "classifier.log")
     lm, clas = finetune.result, classifier.result
     return {**walls(finetune, classifier),
             "finetune_compile_seconds": lm.get("compile_seconds"), "classifier_compile_seconds": clas.get("compile_seconds"),
@@ -483,7 +507,7 @@ def main(argv=None):
     parser.add_argument("--data-dir", type=Path,
                         default=Path(os.environ.get("ULMFIT_DATA_DIR", ROOT.parent / "shared" / "data")))
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_small_data")
-    parser.add_argument("--datasets", nargs="+", choices=tuple(DATASETS), default=list(DATASETS))
+    parser.add_argument("--datasets", nargs="+", choices=tuple(DATASETS), default=["trec6", "sst2"])
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES),
                         help="run only these sides (the other's results already in OUT are kept and compared)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -553,7 +577,8 @@ def main(argv=None):
 
     table, summary = summarize(results, args.datasets, args.seeds)
     info = {"benchmark": "small_data", "recipe": recipe, "wiki_words": args.wiki_words,
-            "finetune_flags": finetune_flags(args.quick), "classifier_flags": classifier_flags(args.quick),
+            "flags": {name: {"finetune_lm.py": finetune_flags(args.quick, name),
+                             "train_classifier.py": classifier_flags(args.quick, name)} for name in args.datasets},
             "pretrained": {k: v for k, v in pretrained.items() if k not in ("model", "weights", "vocab")},
             "machine": machine(), "versions": versions(("jax", "jaxlib", "torch", "fastai")), "git": git_state(ROOT)}
     (args.out / "results.json").write_text(json.dumps({**info, "summary": summary, "runs": results}, indent=1))
@@ -561,8 +586,9 @@ def main(argv=None):
     header = (f"{m['cpu']}, {m['cores']} cores, load average {m['load_average']}; "
               + ", ".join(f"{k} {val}" for k, val in v.items())
               + f"; commit {info['git']['commit']}{' (modified: ' + ', '.join(info['git']['modified']) + ')' if info['git']['modified'] else ''}\n"
-              f"recipe: {recipe} (finetune_lm.py {' '.join(info['finetune_flags'])}; train_classifier.py "
-              f"{' '.join(info['classifier_flags'])}); pretrained on {args.wiki_words:,} words\n\n")
+              + "".join(f"{name}: finetune_lm.py {' '.join(flags['finetune_lm.py'])}; train_classifier.py "
+                        f"{' '.join(flags['train_classifier.py'])}\n" for name, flags in info["flags"].items())
+              + f"recipe: {recipe}; pretrained on {args.wiki_words:,} words\n\n")
     (args.out / "results.md").write_text(header + table + "\n")
     print(header + table)
     print(json.dumps({**info, "summary": summary}))
