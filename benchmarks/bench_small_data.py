@@ -105,7 +105,8 @@ def prepare_dataset(args, name: str) -> Path:
     out = args.out / "data" / name
     if not (out / "meta.json").exists():
         timed_run([python(), SCRIPTS / "prepare_data.py", "--input", args.data_dir / folder, "--format", data_format,
-                   "--out", out, "--no-cache", "--no-progress", *PREPARE_FLAGS.get(name, [])], log_path=args.out / f"prepare_{name}.log")
+                   "--out", out, "--no-cache", "--no-progress", *PREPARE_FLAGS.get(name, [])],
+                  log_path=args.out / f"prepare_{name}.log")
     return out
 
 
@@ -236,6 +237,9 @@ def fastai_plan(args, name: str, data_dir: Path, pretrained: dict, seed: int, ru
                  "--seed", seed, *classifier_flags(args.quick, name)]
     lm_module, lm_args = script_args("finetune_lm.py", lm_argv)
     clas_module, clas_args = script_args("train_classifier.py", clas_argv)
+    if lm_args.labelled_docs is not None or lm_args.include_test_text:
+        raise ValueError("the fastai side fine-tunes on the train and unsup text (--max-docs), not "
+                         "--labelled-docs or --include-test-text")
 
     pretrained_config = checkpoint.load_model(pretrained["model"])["config"]
     encoder = pretrained_config.encoder
