@@ -44,6 +44,7 @@ def stages_for(args, n_groups, from_scratch):
     except ValueError as error:
         raise SystemExit(f"error: --recipe {recipe.name}: {error}")
 
+
 TEST_SUBSET_SEED = 0     # --test-docs: one subset for every --seed, so that runs compare on the same documents
 
 
