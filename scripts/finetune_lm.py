@@ -92,10 +92,8 @@ def main(argv=None):
         if args.max_docs is not None or args.include_test_text:
             raise SystemExit("error: --labelled-docs chooses the documents; it does not go with --max-docs or "
                              "--include-test-text")
-        if data.splits.get("train") is None or data.splits["train"].labels is None:
-            raise SystemExit(f"error: --labelled-docs: {args.data} has no labelled train split")
-        documents, labels = cli.split_documents(data, ("train",))
-        documents, _ = cli.document_subset(documents, labels, args.labelled_docs, args.seed, "--labelled-docs")
+        documents, _ = cli.labelled_training_documents(data, f"--labelled-docs: {args.data}", args.labelled_docs,
+                                                       args.seed, "--labelled-docs")
     else:
         documents, _ = cli.split_documents(
             data, ("train", "unsup", "test") if args.include_test_text else ("train", "unsup"))
@@ -110,9 +108,9 @@ def main(argv=None):
         checkpoint.save_encoder(args.out / "encoder", config.encoder, encoder_params, data.vocab,
                                 tokenizer=cli.checked_data_tokenizer(args.data))
     final = cli.final_epoch(args.out, history)
+    metrics = ("epoch", "step", "train_loss", "valid_loss", "valid_perplexity", "valid_accuracy")
     cli.finish({"stage": "finetune", "encoder": str(args.out / "encoder"), "documents": len(documents),
-                **{k: final.get(k) for k in (
-        "epoch", "step", "train_loss", "valid_loss", "valid_perplexity", "valid_accuracy")}}, throughput, started)
+                **{k: final.get(k) for k in metrics}}, throughput, started)
 
 
 if __name__ == "__main__":

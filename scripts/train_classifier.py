@@ -70,10 +70,7 @@ def main(argv=None):
         raise SystemExit(f"error: --chain-thaw is --recipe chain-thaw; it does not go with --recipe {args.recipe}")
     cli.start(args)
     data = cli.load_data(args)
-    if data.classes is None or data.splits.get("train") is None or data.splits["train"].labels is None:
-        raise SystemExit(f"error: {args.data} has no labelled train split")
-    documents, labels = cli.split_documents(data, ("train",))
-    documents, labels = cli.document_subset(documents, labels, args.train_docs, args.seed, "--train-docs")
+    documents, labels = cli.labelled_training_documents(data, args.data, args.train_docs, args.seed, "--train-docs")
     if not documents:
         raise SystemExit(f"error: {args.data}: the training set is empty")
     train_docs, train_labels, valid_docs, valid_labels = cli.validation_split(data, documents, labels, args.seed)

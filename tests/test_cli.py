@@ -44,6 +44,20 @@ def test_document_subset_refuses_what_it_cannot_choose(n, message):
         cli.document_subset([np.array([i]) for i in range(100)], labels, n, seed=0, flag="--train-docs")
 
 
+def test_labelled_training_documents_are_the_train_split_subset_or_refused():
+    labels = np.array([0, 1] * 10)
+    train = SimpleNamespace(documents=[np.array([i]) for i in range(20)], labels=labels)
+    data = SimpleNamespace(classes=["neg", "pos"], splits={"train": train, "unsup": SimpleNamespace(
+        documents=[np.array([99])], labels=None)})
+    chosen, chosen_labels = cli.labelled_training_documents(data, "data/x", 6, 4, "--train-docs")
+    expected, expected_labels = cli.document_subset(train.documents, labels, 6, 4, "--train-docs")
+    assert [int(d[0]) for d in chosen] == [int(d[0]) for d in expected]          # the train split's, not unsup's
+    assert chosen_labels.tolist() == expected_labels.tolist() and sorted(chosen_labels.tolist()) == [0, 0, 0, 1, 1, 1]
+    with pytest.raises(SystemExit, match="--labelled-docs: data/y has no labelled train split"):
+        cli.labelled_training_documents(SimpleNamespace(classes=None, splits={"unsup": data.splits["unsup"]}),
+                                        "--labelled-docs: data/y", 6, 4, "--labelled-docs")
+
+
 def test_finish_prints_strict_json_and_final_epoch_reads_a_finished_run(tmp_path, capsys):
     cli.finish({"stage": "pretrain", "valid_loss": 1.25}, SimpleNamespace(tokens_per_second=math.nan,
                                                                         compile_seconds=0.0), time.time())

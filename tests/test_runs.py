@@ -15,7 +15,7 @@ SETTINGS = {"lr": 0.01, "n_layers": 3, "data_dir": "data/imdb", "hidden_sizes": 
 
 def trained(out: Path) -> Path:
     """Mark a run folder as holding a run that trained (its metrics), which its settings guard."""
-    (out / "metrics.jsonl").write_text('{"epoch": 0}\n')
+    (out / runs.METRICS_FILE).write_text('{"epoch": 0}\n')
     return out
 
 

@@ -31,8 +31,8 @@ def use_compilation_cache(directory: str | os.PathLike | None = None) -> Path | 
     """Turn on JAX's persistent compilation cache: a rerun with the same model, stages and batch
     shapes loads its executables instead of compiling them again (the cache is keyed on the
     program, the compile options and the jax/jaxlib versions). Directory: `directory`, else
-    $ULMFIT_COMPILATION_CACHE, else
-    ~/.cache/ulmfit_jax/xla; "off" (or "") turns it off. -> the directory used, or None."""
+    $ULMFIT_COMPILATION_CACHE, else ~/.cache/ulmfit_jax/xla; "off" (or "") turns it off.
+    -> the directory used, or None."""
     import jax
     if directory is None:
         directory = os.environ.get(COMPILATION_CACHE_ENV, Path.home() / ".cache" / "ulmfit_jax" / "xla")
@@ -373,6 +373,18 @@ def document_subset(documents, labels, n: int | None, seed: int, flag: str):
         chosen.append(rng.choice(rows, size=share, replace=False))
     chosen = np.sort(np.concatenate(chosen))
     return [documents[i] for i in chosen], labels[chosen]
+
+
+def labelled_training_documents(data, source, n: int | None, seed: int, flag: str):
+    """The labelled training documents a classifier trains on: the data's train split, `n` of them
+    balanced by `seed` (`document_subset`; all for None). train_classifier.py --train-docs and
+    finetune_lm.py --labelled-docs both take them here, so that the same flags pick the same
+    documents. SystemExit, naming `source`, without a labelled train split.
+    -> (documents, int labels)."""
+    if data.classes is None or data.splits.get("train") is None or data.splits["train"].labels is None:
+        raise SystemExit(f"error: {source} has no labelled train split")
+    documents, labels = split_documents(data, ("train",))
+    return document_subset(documents, labels, n, seed, flag)
 
 
 def validation_split(data, documents, labels, seed: int, valid_pct: float = 0.1):
