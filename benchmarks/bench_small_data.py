@@ -71,9 +71,19 @@ DATASETS = {"trec6": ("trec", "trec6"), "sst2": ("sst", "sst2"),    # name -> (f
 # at 1,000): the LM fine-tuned on 6,000 train + unsup reviews, the classifier trained on 1,000 labelled
 # reviews and tested on a fixed 5,000; a vocabulary of the pretrained LM's size. Not in the default set.
 PREPARE_FLAGS = {"imdb1000": ["--max-vocab", "10000"]}
-DATASET_FLAGS = {"imdb1000": {
-    "finetune": ["--max-docs", "6000", "--freeze-epochs", "1", "--epochs", "1", "--bs", "64", "--bptt", "70"],
-    "classifier": ["--train-docs", "1000", "--test-docs", "5000", "--epochs", "1", "--bs", "64", "--bptt", "70"]}}
+
+
+def imdb_flags(epochs: int = 1) -> dict[str, list[str]]:
+    """The IMDb recipe of experiments/imdb.py, lowshot_imdb.py and `imdb1000`: LM fine-tuning 1 frozen
+    epoch + `epochs`, the classifier's gradual unfreezing + `epochs` of all groups; bs 64, bptt 70."""
+    common = ["--bs", "64", "--bptt", "70"]
+    return {"finetune": ["--freeze-epochs", "1", "--epochs", str(epochs), *common],
+            "classifier": ["--epochs", str(epochs), *common]}
+
+
+DATASET_FLAGS = {"imdb1000": {"finetune": ["--max-docs", "6000", *imdb_flags()["finetune"]],
+                              "classifier": ["--train-docs", "1000", "--test-docs", "5000",
+                                             *imdb_flags()["classifier"]]}}
 SIDES = ("ours", "fastai")
 # The pretrained LM both sides start from: the demo's pretraining settings (ulmfit_jax.recipes.DemoSettings).
 PRETRAIN_FLAGS = ["--emb-sz", "128", "--n-hid", "384", "--n-layers", "2", "--epochs", "1", "--bs", "64",

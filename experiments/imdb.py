@@ -123,12 +123,11 @@ def main(argv=None):
         flags = ["--seed", args.seed, *(["--backwards"] if direction == "backward" else [])]
         results[f"finetune_{direction}"] = step(args, f"finetune_{direction}", [
             SCRIPTS / "finetune_lm.py", "--data", data, "--pretrained", models[direction], "--out",
-            args.out / f"lm_{direction}", "--max-docs", args.lm_docs, "--freeze-epochs", "1", "--epochs", "1",
-            "--bs", "64", "--bptt", "70", *flags])
+            args.out / f"lm_{direction}", "--max-docs", args.lm_docs, *bench.imdb_flags()["finetune"], *flags])
         results[f"classifier_{direction}"] = step(args, f"classifier_{direction}", [
             SCRIPTS / "train_classifier.py", "--data", data, "--encoder", args.out / f"lm_{direction}" / "encoder",
-            "--out", args.out / f"clas_{direction}", "--train-docs", args.train_docs, "--epochs", "1", "--bs", "64",
-            "--bptt", "70", *flags])
+            "--out", args.out / f"clas_{direction}", "--train-docs", args.train_docs, *bench.imdb_flags()["classifier"],
+            *flags])
         classifiers[direction] = args.out / f"clas_{direction}" / "last"
     results["ensemble"] = step(args, "ensemble", [SCRIPTS / "evaluate.py", "--ensemble", classifiers["forward"],
                                                   classifiers["backward"], "--data", data, "--split", "test"])

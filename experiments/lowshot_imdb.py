@@ -25,39 +25,43 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from imdb import ROOT, SCRIPTS, step  # experiments/imdb.py: one resumable script run
+from imdb import ROOT, SCRIPTS, bench, step  # experiments/imdb.py: one resumable script run, bench_small_data
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import git_state, machine, versions  # noqa: E402
+from common import git_state, machine, versions  # noqa: E402  (benchmarks/, on sys.path through imdb)
+from ulmfit_jax import checkpoint  # noqa: E402
 
 VARIANTS = ("from scratch", "supervised", "semi-supervised")
-ARCHITECTURE = ["--emb-sz", "128", "--n-hid", "384", "--n-layers", "2"]   # the pretrained LMs' (bench_small_data)
 
 
 def epochs(n: int) -> int:
     return min(10, max(1, math.ceil(1000 / n)))
 
 
+def architecture(pretrained: Path) -> list:
+    """The from-scratch classifier's sizes: the pretrained LM's, so that only the initialisation differs."""
+    encoder = checkpoint.load_model(pretrained)["config"].encoder
+    return ["--emb-sz", encoder.emb_size, "--n-hid", encoder.n_hidden, "--n-layers", encoder.n_layers]
+
+
 def run_point(args, seed: int, n: int) -> dict:
     """The three variants' test errors at n labelled reviews and one seed."""
+    flags = bench.imdb_flags(epochs(n))
     common = ["--data", args.imdb / "data", "--train-docs", n, "--test-docs", args.test_docs, "--seed", seed,
-              "--bs", "64", "--bptt", "70"]
+              *flags["classifier"]]
     tag = f"n{n}_seed{seed}"
-    scratch = step(args, f"scratch_{tag}", [SCRIPTS / "train_classifier.py", *common, *ARCHITECTURE, "--out",
-                                            args.out / f"scratch_{tag}", "--epochs", epochs(n)])
+    scratch = step(args, f"scratch_{tag}", [SCRIPTS / "train_classifier.py", *common, *architecture(args.pretrained),
+                                            "--out", args.out / f"scratch_{tag}"])
     lm = step(args, f"lm_supervised_{tag}", [
         SCRIPTS / "finetune_lm.py", "--data", args.imdb / "data", "--pretrained", args.pretrained, "--out",
-        args.out / f"lm_supervised_{tag}", "--labelled-docs", n, "--seed", seed, "--freeze-epochs", "1",
-        "--epochs", epochs(n), "--bs", "64", "--bptt", "70"])
+        args.out / f"lm_supervised_{tag}", "--labelled-docs", n, "--seed", seed, *flags["finetune"]])
     supervised = step(args, f"supervised_{tag}", [SCRIPTS / "train_classifier.py", *common, "--encoder", lm["encoder"],
-                                                  "--out", args.out / f"supervised_{tag}", "--epochs", epochs(n)])
+                                                  "--out", args.out / f"supervised_{tag}"])
     semi = step(args, f"semi_{tag}", [SCRIPTS / "train_classifier.py", *common, "--encoder", args.semi_supervised,
-                                      "--out", args.out / f"semi_{tag}", "--epochs", epochs(n)])
+                                      "--out", args.out / f"semi_{tag}"])
     return {"from scratch": scratch, "supervised": supervised, "semi-supervised": semi, "lm_supervised": lm}
 
 
