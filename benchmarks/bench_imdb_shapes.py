@@ -11,15 +11,14 @@ show how much padding it computes. Both sides lay out the same documents:
   tokenized with ulmfit_jax's tokenizer (`tokenize_corpus`, default settings; its on-disk token
   cache makes a rerun skip this), numericalized over a vocabulary counted on the training reviews
   (fastai's `make_vocab`: min_freq 3, max 60,000). Only the lengths matter for shapes and padding.
-- ulmfit_jax: what `train.fit_classifier` does with `bs` 64: `train.classifier_layout` (bucket
-  lengths merged by `text.batches.merged_bucket_lengths` over the training lengths, widths multiples
-  of bptt, or of 8 within one window), `classifier_batches(train=True)` with the RandomState of
+- ulmfit_jax: what `train.fit_classifier` does with `bs` 64: `train.classifier_layout` (the bucket
+  lengths `text.batches.bucket_lengths` chooses for `--epochs` epochs over the training reviews and
+  one prediction of the test reviews, widths multiples of bptt, or of 8 within one window), `classifier_batches(train=True)` with the RandomState of
   `[seed, epoch]`, full documents (no truncation: BPT3C's max_len 1440 acts in the model). Compiles:
   the train-step programs `fit_classifier` compiles ahead (one per entry of `settings.lengths`), the
   distinct shapes the epochs actually use, and the evaluation programs it compiles for the test
   reviews (one per `padded_length` of a document). Also: epoch 0 by width (batches, share of the
-  positions, padding), and its shapes and padding without the merge (`lengths=None`) and with the
-  merge unbounded (`max_growth=inf`: every rare bucket merged into the next, however much wider).
+  positions, padding), and its shapes and padding with every bucket its own length (`lengths=None`).
 - fastai: `SortedDL` (its sortish `shuffle_fn`, bs 64, drop_last for training) with
   `Pad_Chunk(seq_len)`, the `before_batch` of `TextBlock`, over the same id tensors; the validation
   loader unshuffled (sorted by length, longest first), bs 64, no drop_last. Its training order is
@@ -108,10 +107,11 @@ def ours(train_docs, train_labels, test_docs, bptt: int, bs: int, seed: int, epo
 
     from ulmfit_jax import train
     from ulmfit_jax.config import awd_lstm_clas_config
-    from ulmfit_jax.text.batches import classifier_batches, merged_bucket_lengths, padded_length
+    from ulmfit_jax.text.batches import classifier_batches, padded_length
 
     config = awd_lstm_clas_config(60_000, 2, bptt=bptt)
-    settings, steps_per_epoch = train.classifier_layout(config, train_docs, bs)
+    settings, steps_per_epoch = train.classifier_layout(config, train_docs, bs, epochs=epochs,
+                                                        predict_documents=test_docs)
     result = {"bptt": bptt, "max_len": config.max_len, "bucket_lengths": list(settings.lengths),
               "train_step_programs": len(settings.lengths), "steps_per_epoch": steps_per_epoch}
     epoch_shapes, union, per_batch_longest = [], set(), []
@@ -147,15 +147,6 @@ def ours(train_docs, train_labels, test_docs, bptt: int, bs: int, seed: int, epo
         positions += batch.tokens.size
         pads += int((~batch.token_mask).sum())
     result["train_epoch0_unmerged"] = summarize(shapes, positions, pads, positions, pads)
-    unbounded = dataclasses.replace(settings, lengths=merged_bucket_lengths(
-        [len(d) for d in train_docs], unmerged, max_growth=float("inf")))
-    shapes, positions, pads = [], 0, 0
-    for batch in classifier_batches(train_docs, train_labels, unbounded, train=True,
-                                    rng=np.random.RandomState([seed, 0])):
-        shapes.append(batch.tokens.shape)
-        positions += batch.tokens.size
-        pads += int((~batch.token_mask).sum())
-    result["train_epoch0_unbounded_merge"] = summarize(shapes, positions, pads, positions, pads)
 
     shapes, positions, pads = [], 0, 0
     for batch in classifier_batches(test_docs, None, settings, train=False):
@@ -260,11 +251,8 @@ def main():
                   f"{test['padding_share']:.1%} | {test['lstm_padding_share']:.1%} |")
     for side in sides:
         unmerged = side["ours"]["train_epoch0_unmerged"]
-        unbounded = side["ours"]["train_epoch0_unbounded_merge"]
-        print(f"bptt {side['bptt']}: ours without the merge (lengths=None): {unmerged['distinct_shapes']} shapes, "
-              f"padding {unmerged['padding_share']:.1%}, {unmerged['positions']:,} positions; with the merge "
-              f"unbounded (max_growth=inf): {unbounded['distinct_shapes']} shapes, padding "
-              f"{unbounded['padding_share']:.1%}, {unbounded['positions']:,} positions; as trained: "
+        print(f"bptt {side['bptt']}: ours with every bucket (lengths=None): {unmerged['distinct_shapes']} shapes, "
+              f"padding {unmerged['padding_share']:.1%}, {unmerged['positions']:,} positions; as trained: "
               f"{side['ours']['train_epochs'][0]['positions']:,} positions; LSTM positions of epoch 0, ours / fastai's: "
               f"{side['lstm_positions_ours_over_fastai_epoch0']['merged']:.2f} merged, "
               f"{side['lstm_positions_ours_over_fastai_epoch0']['unmerged']:.2f} unmerged; ours by width: "

@@ -149,10 +149,12 @@ def main(argv=None):
     params, batch_stats = models.init_classifier(jax.random.PRNGKey(args.seed + 1), clas_config)
     if encoder_params is not None:
         params["encoder"] = encoder_params
+    layout, _ = train.classifier_layout(clas_config, trec_ids, settings.classifier_bs,
+                                        epochs=sum(stage.epochs for stage in stages), predict_documents=test_ids)
     params, batch_stats, _, _ = train.fit_classifier(params, batch_stats, clas_config, trec_ids, train_labels,
                                                      None, None, stages, batch_size=settings.classifier_bs,
-                                                     seed=args.seed, log=log_line("classifier"), progress=True)
-    layout, _ = train.classifier_layout(clas_config, trec_ids, settings.classifier_bs)
+                                                     seed=args.seed, log=log_line("classifier"), progress=True,
+                                                     predict_documents=test_ids, layout=layout)
     probabilities = predict.predict_classifier(predict.classifier_predictor(clas_config), params, batch_stats,
                                                test_ids, layout)
     scores = metrics.classification_metrics(probabilities, test_labels)

@@ -106,12 +106,17 @@ def main(argv=None):
     elif args.test_docs is not None:
         raise SystemExit(f"error: --test-docs: {args.data} has no labelled test split")
 
+    # the test set is predicted through the fit's programs: the same layout
+    layout, _ = train.classifier_layout(config, train_docs, args.bs, args.backwards,
+                                        sum(stage.epochs for stage in stages), valid_docs, test_documents)
+
     def fit(checkpointer):
         return train.fit_classifier(
             params, batch_stats, config, train_docs, train_labels, valid_docs, valid_labels, stages,
             batch_size=args.bs, seed=args.seed, backwards=args.backwards, regularization=regularization,
             max_steps=args.max_steps, compute_dtype=cli.compute_dtype(args), checkpointer=checkpointer, log=log,
             progress=parallel.is_main_process(), **cli.loop_options(args), predict_documents=test_documents,
+            layout=layout,
             on_epoch_end=cli.best_and_last(args.out, config, data.vocab, "valid_accuracy", lower_is_better=False,
                                            classes=data.classes, tokenizer=cli.data_tokenizer(args.data)))
 
@@ -123,11 +128,9 @@ def main(argv=None):
     result = {"stage": "classifier", "model": str(args.out / "last"), **{k: final.get(k) for k in (
         "epoch", "step", "train_loss", "valid_loss", "valid_accuracy", "valid_macro_f1")}}
     if test_documents:
-        # the training batches' shapes, so that the test set reuses the validation's compiled programs
-        settings, _ = train.classifier_layout(config, train_docs, args.bs, args.backwards)
         probabilities = predict.predict_classifier(predict.classifier_predictor(config),
                                                    *parallel.local_copy((final_params, final_stats)),
-                                                   test_documents, settings)
+                                                   test_documents, layout)
         scores = metrics.classification_metrics(probabilities, test_labels)
         result.update({"test_documents": len(test_documents), **{f"test_{k}": v for k, v in scores.items()}})
     cli.finish(result, throughput, started)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from ulmfit_jax.text.batches import (ClassifierBatchSettings, LMBatchSettings, classifier_batches,
-                                     concatenate_documents, fastai_layout_mask, lm_batches, lm_epoch, lm_layout,
-                                     merged_bucket_lengths, pad_chunk, pad_input_chunk, padded_length,
+from ulmfit_jax.text.batches import (PREDICTION_COST, ClassifierBatchSettings, LMBatchSettings, bucket_lengths,
+                                     classifier_batches, concatenate_documents, fastai_layout_mask, lm_batches,
+                                     lm_epoch, lm_layout, pad_chunk, pad_input_chunk, padded_length,
                                      possible_shapes, shuffled_sorted_order, sorted_order)
 
 torch = pytest.importorskip("torch", reason="fastai's loaders are the reference")
@@ -269,49 +270,69 @@ def test_classifier_train_needs_rng():
         list(classifier_batches([np.arange(3)], [0], ClassifierBatchSettings(), train=True))
 
 
-def test_rare_buckets_merge_into_the_next_larger_one_of_their_kind():
+def test_a_batch_takes_the_smallest_allowed_length_of_its_kind_that_holds_it():
     settings_ = ClassifierBatchSettings(batch_size=4, seq_len=70, max_len=None, bucket_multiple=70,
-                                        short_bucket_multiple=8)
-    # buckets: 8 x5 (5%), 16 x60, 24 x20, 32 x2, 48 x3 (short); 140 x5, 210 x1, 280 x4 (whole windows)
-    lengths = [5] * 5 + [12] * 60 + [20] * 20 + [30] * 2 + [41] * 3 + [100] * 5 + [180] * 1 + [250] * 4
-    # 8 -> 16; 32 -> 48 (the largest short one); 140 -> 210 (one window wider), but not on to 280
-    # (twice 140): the default max_growth 1.25 keeps 210
-    assert merged_bucket_lengths(lengths, settings_, min_share=0.1) == (16, 24, 48, 210, 280)
-    merged = merged_bucket_lengths(lengths, settings_, min_share=0.1, max_growth=2.0)
-    assert merged == (16, 24, 48, 280)     # 140, 210 -> 280
-    allowed = dataclasses.replace(settings_, lengths=merged)
-    assert [padded_length(n, allowed) for n in (3, 16, 17, 25, 49, 70, 71, 141)] == [16, 16, 24, 48, 56, 70, 280, 280]
-    assert padded_length(300, allowed) == 350          # longer than every allowed length: its own bucket
-    assert merged_bucket_lengths(lengths, settings_, min_share=0.0) == (8, 16, 24, 32, 48, 140, 210, 280)
+                                        short_bucket_multiple=8, lengths=(16, 24, 48, 280))
+    assert [padded_length(n, settings_) for n in (3, 16, 17, 25, 49, 70, 71, 141)] == [16, 16, 24, 48, 56, 70, 280, 280]
+    assert padded_length(300, settings_) == 350          # longer than every allowed length: its own bucket
 
 
-def test_merging_a_long_tail_of_rare_buckets_pads_each_bucket_by_a_quarter_or_one_window_at_most():
-    """IMDb-like lengths (a long tail: every whole-window bucket past ~900 tokens holds under 10% of
-    the documents): without the bound they all merge into the largest bucket."""
+def _layout_cost(lengths, settings_, train, epochs, predicted, compile_cost):
+    """What `bucket_lengths` minimises, counted on the batches `classifier_batches` really makes."""
+    allowed = dataclasses.replace(settings_, lengths=tuple(sorted(lengths)))
+    positions = lambda documents, is_train: sum(batch.tokens.size for batch in classifier_batches(
+        documents, None, allowed, train=is_train, rng=np.random.RandomState(0)))
+    return (compile_cost * len(lengths) + epochs * positions(train, True)
+            + sum(times * PREDICTION_COST * positions(documents, False) for documents, times in predicted))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_bucket_lengths_are_the_cheapest_choice_of_the_training_buckets(seed):
+    """Against every subset of the training batches' buckets (the widest of each kind kept), costed
+    on the batches `classifier_batches` makes (training: sorted within its one chunk, the last,
+    partial batch dropped; predictions: sorted, the lengths past the widest on their own buckets)."""
+    rng = np.random.default_rng(seed)
+    settings_ = ClassifierBatchSettings(batch_size=4, seq_len=16, max_len=None, bucket_multiple=16,
+                                        short_bucket_multiple=4)
+    document = lambda n: np.arange(2, 2 + n, dtype=np.int32)
+    train = [document(n) for n in rng.integers(1, 120, size=int(rng.integers(10, 40)))]
+    predicted = [([document(n) for n in rng.integers(1, 150, size=20)], 1),
+                 ([document(n) for n in rng.integers(1, 120, size=6)], 3)]
+    epochs, compile_cost = int(rng.integers(1, 5)), float(rng.choice([0, 200, 800, 3000]))
+    plain = dataclasses.replace(settings_, lengths=None)
+    buckets = {batch.tokens.shape[1] for batch in classifier_batches(train, None, plain, train=True,
+                                                                     rng=np.random.RandomState(0))}
+    kinds = [sorted(b for b in buckets if (b <= 16) == short) for short in (True, False)]
+    choices = [[(*subset, kind[-1]) for r in range(len(kind)) for subset in itertools.combinations(kind[:-1], r)]
+               if kind else [()] for kind in kinds]
+    cost = lambda lengths: _layout_cost(lengths, settings_, train, epochs, predicted, compile_cost)
+    best = min(cost(short + whole) for short, whole in itertools.product(*choices))
+    chosen = bucket_lengths([len(d) for d in train], settings_, epochs=epochs, compile_cost=compile_cost,
+                            predicted=[([len(d) for d in documents], times) for documents, times in predicted])
+    assert set(chosen) <= buckets
+    assert cost(chosen) == pytest.approx(best)
+
+
+def test_a_small_data_set_gets_fewer_lengths_than_a_large_one_of_the_same_spread():
     rng = np.random.default_rng(0)
-    lengths = np.minimum(rng.lognormal(5.3, 0.75, size=25_000).astype(int) + 1, 3300)
+    lengths = np.minimum(rng.lognormal(5.3, 0.75, size=25_000).astype(int) + 1, 3300)   # IMDb-like
     settings_ = ClassifierBatchSettings(batch_size=64, seq_len=70, max_len=None, bucket_multiple=70,
                                         short_bucket_multiple=8)
-    merged = merged_bucket_lengths(lengths, settings_)
-    unbounded = merged_bucket_lengths(lengths, settings_, max_growth=float("inf"))
-    assert len(merged) > len(unbounded) and merged[-1] == unbounded[-1] == 3360
-    allowed = dataclasses.replace(settings_, lengths=merged)
-    plain = dataclasses.replace(settings_, lengths=None)
-    for n in range(1, 3301):
-        bucket = padded_length(n, plain)
-        assert padded_length(n, allowed) <= max(1.25 * bucket, bucket + 70)
-    assert any(padded_length(n, dataclasses.replace(settings_, lengths=unbounded)) > 2 * padded_length(n, plain)
-               for n in range(1, 3301))
-    with pytest.raises(ValueError, match="max_growth"):
-        merged_bucket_lengths(lengths, settings_, max_growth=0.5)
+    small, large = bucket_lengths(lengths[:900], settings_, epochs=4), bucket_lengths(lengths, settings_, epochs=4)
+    every = bucket_lengths(lengths, settings_, epochs=4, compile_cost=0)
+    assert len(small) < len(large) < len(every)
+    assert large[-1] == every[-1] == 3360 and small[-1] == -(-lengths[:900].max() // 70) * 70   # the widest kept
+    assert bucket_lengths(lengths, settings_, compile_cost=1e12) == (70, 3360)   # one length a kind
+    with pytest.raises(ValueError, match="compile_cost"):
+        bucket_lengths(lengths, settings_, compile_cost=-1)
 
 
-def test_merged_lengths_keep_every_batch_of_the_data_on_an_allowed_shape():
+def test_bucket_lengths_keep_every_batch_of_the_data_on_an_allowed_shape():
     rng = np.random.default_rng(0)
     documents = [np.arange(2, 2 + n, dtype=np.int32) for n in rng.integers(3, 300, size=200)]
     settings_ = ClassifierBatchSettings(batch_size=8, seq_len=70, max_len=None, bucket_multiple=70,
                                         short_bucket_multiple=8)
-    allowed = dataclasses.replace(settings_, lengths=merged_bucket_lengths([len(d) for d in documents], settings_))
+    allowed = dataclasses.replace(settings_, lengths=bucket_lengths([len(d) for d in documents], settings_))
     shapes = {batch.tokens.shape[1] for batch in classifier_batches(documents, None, allowed, train=True,
                                                                     rng=np.random.RandomState(0))}
     assert shapes <= set(allowed.lengths)

@@ -36,7 +36,7 @@ def classifier_batch_settings(config: ClassifierConfig, batch_size: int, backwar
                               lengths: tuple[int, ...] | None = None):
     """Batches for `config`: windows of its bptt, lengths bucketed to multiples of bptt (few shapes),
     or of 8 for batches shorter than one window; `lengths`: the padded lengths batches may take
-    (`text.batches.merged_bucket_lengths`).
+    (`text.batches.bucket_lengths`).
 
     Multiples of bptt keep fastai's last-state index (`masked_concat_pool`) on the last real token;
     within one window there is no front padding, so any length does. The regulariser's mask

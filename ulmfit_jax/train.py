@@ -338,12 +338,17 @@ def fit_language_model(params, config: LanguageModelConfig, train_documents, val
 # ----------------------------------------------------------------------------------------------
 # Classifier
 
-def classifier_layout(config: ClassifierConfig, train_documents, batch_size: int, backwards: bool = False):
-    """-> (batch settings with the training set's merged bucket lengths, steps per epoch)."""
-    from ulmfit_jax.text.batches import merged_bucket_lengths
+def classifier_layout(config: ClassifierConfig, train_documents, batch_size: int, backwards: bool = False,
+                      epochs: int = 1, valid_documents=(), predict_documents=()):
+    """-> (batch settings with the bucket lengths best compiled for `epochs` epochs over the training
+    documents, validating on `valid_documents` each epoch and predicting `predict_documents` once
+    (`text.batches.bucket_lengths`), steps per epoch)."""
+    from ulmfit_jax.text.batches import bucket_lengths
     settings = predict.classifier_batch_settings(config, batch_size, backwards)
-    settings = dataclasses.replace(settings, lengths=merged_bucket_lengths([len(d) for d in train_documents],
-                                                                           settings))
+    lengths = lambda documents: [len(d) for d in documents or ()]
+    settings = dataclasses.replace(settings, lengths=bucket_lengths(
+        lengths(train_documents), settings, epochs=epochs,
+        predicted=((lengths(valid_documents), epochs), (lengths(predict_documents), 1))))
     steps_per_epoch = len(train_documents) // batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"the training set has {len(train_documents)} documents: fewer than one batch of {batch_size}")
@@ -355,18 +360,27 @@ def fit_classifier(params, batch_stats, config: ClassifierConfig, train_document
                    backwards: bool = False, regularization: RegularizationConfig = RegularizationConfig(),
                    max_steps: int | None = None, compute_dtype=None, mesh=None, checkpointer=None, log=None,
                    on_epoch_end=None, progress: bool = False, log_every: int = 50, share_compiles: bool = True,
-                   quick_compile: bool | None = None, predict_documents=()):
+                   quick_compile: bool | None = None, predict_documents=(), layout=None):
     """Train the classifier over `stages` (gradual unfreezing: one stage per trainable set).
 
     `predict_documents`: documents the caller will predict afterwards (`predict.predict_classifier`
-    with `classifier_layout`'s settings, e.g. a test set): their forward passes compile in the
-    background during training, as the validation's do.
+    with the fit's `layout`, e.g. a test set): their forward passes compile in the background during
+    training, as the validation's do. `layout`: the batch settings to train and predict with
+    (`classifier_layout`'s, which the caller needs to predict through the fit's programs); None:
+    `classifier_layout`'s for these documents and stages.
 
     Returns (params, batch_stats, history, throughput).
     """
     from ulmfit_jax.text.batches import classifier_batches, padded_length
     mesh = parallel.data_mesh() if mesh is None else mesh
-    settings, steps_per_epoch = classifier_layout(config, train_documents, batch_size, backwards)
+    settings, steps_per_epoch = classifier_layout(config, train_documents, batch_size, backwards,
+                                                  sum(stage.epochs for stage in stages), valid_documents,
+                                                  predict_documents)
+    if layout is not None:
+        if (layout.batch_size, layout.backwards) != (batch_size, backwards):
+            raise ValueError(f"the layout's batch size and direction ({layout.batch_size}, backwards="
+                             f"{layout.backwards}) are not the fit's ({batch_size}, backwards={backwards})")
+        settings = layout
     predictor = predict.classifier_predictor(config, compute_dtype)
     compiler = Compiler()
     sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))

@@ -216,7 +216,7 @@ def shuffled_sorted_order(lengths: Sequence[int], batch_size: int, rng: np.rando
 class ClassifierBatchSettings:
     """batch_size documents a batch; pad in seq_len chunks (fastai's Pad_Chunk); max_len truncates each
     document (None: no truncation) keeping its first or last tokens; bucket_multiple rounds the padded
-    length up (None: fastai's exact per-batch maximum, any shape). `lengths` (from `merged_bucket_lengths`),
+    length up (None: fastai's exact per-batch maximum, any shape). `lengths` (from `bucket_lengths`),
     when set, are the padded lengths a batch takes: the smallest one of the same kind (one window, or
     whole windows) that holds its bucket, else the bucket itself. `bpt3c_max_len`: the classifier's
     max_len (`ClassifierConfig.max_len`, which acts in the model, not here): `fastai_mask` then marks
@@ -303,47 +303,74 @@ def padded_length(longest: int, settings: ClassifierBatchSettings) -> int:
     return width
 
 
-def merged_bucket_lengths(document_lengths, settings: ClassifierBatchSettings, min_share: float = 0.1,
-                          max_growth: float = 1.25):
-    """The bucketed lengths of `document_lengths` (after truncation to max_len), rare buckets merged
-    upward: each bucket holding less than `min_share` of the documents is merged into the next larger
-    one of the same kind (within one `seq_len` window, or whole windows), the largest of each kind
-    kept, as long as the merged group stays within `max_growth` times its smallest bucket, or one
-    window wider than it; a merge beyond that keeps the rare bucket instead.
-    -> increasing tuple for `ClassifierBatchSettings.lengths`.
+# What one more batch shape costs, in token positions of training: compiling a classifier's train
+# step and its evaluation forward pass takes about as long as training on this many positions
+# (batch x padded length) at the sizes the scripts train on CPU. `bucket_lengths` trades it against padding.
+COMPILE_COST_POSITIONS = 100_000
+# A forward pass (prediction) costs about a third of a training step's forward and backward.
+PREDICTION_COST = 1 / 3
 
-    Why: every shape is one more compiled program, while a rare shape serves a few batches an epoch:
-    of TREC-6's training questions the 8-, 32-, 40- and 48-token buckets hold 9.6%, 2.7%, 0.4% and
-    0.04%; merged, 3 shapes (16, 24, 48) remain instead of 6, at little padding (within one window
-    the bound never applies). On a long tail of rare buckets, though, merging alone pads far: each of
-    IMDb's whole-window buckets past 840 tokens (bptt 70) holds under 10% of the reviews, so all of
-    them merged into the largest, 3,360 wide, which then held 34% of an epoch's positions, 70% of
-    them padding. With the bound (a merged document padded to at most 1.25 times its own bucket, or
-    one window more) IMDb's training layout has 13 shapes instead of 8 and a fifth fewer positions
-    an epoch, 22% of them padding instead of 38%; at bptt 72, 12 shapes instead of 7, a third fewer
-    positions, 23% padding instead of 48%. Without merging: 21 and 20 shapes an epoch, 18% padding
-    (`benchmarks/bench_imdb_shapes.py`).
-    """
-    if max_growth < 1:
-        raise ValueError(f"max_growth must be at least 1, got {max_growth}")
-    lengths = np.asarray(document_lengths, dtype=np.int64)
+
+def _batch_buckets(lengths, settings: ClassifierBatchSettings, drop_last: bool) -> np.ndarray:
+    """The bucket of each batch of a length-sorted layout of documents of `lengths`."""
+    lengths = np.sort(np.asarray(lengths, dtype=np.int64))[::-1]
     if settings.max_len is not None:
         lengths = np.minimum(lengths, settings.max_len)
+    if drop_last and len(lengths) >= settings.batch_size:
+        lengths = lengths[:len(lengths) // settings.batch_size * settings.batch_size]
     plain = dataclasses.replace(settings, lengths=None)
-    buckets, counts = np.unique([padded_length(int(n), plain) for n in lengths], return_counts=True)
+    return np.array([padded_length(int(n), plain) for n in lengths[::settings.batch_size]], dtype=np.int64)
+
+
+def bucket_lengths(document_lengths, settings: ClassifierBatchSettings, *, epochs: float = 1.0, predicted=(),
+                   compile_cost: float = COMPILE_COST_POSITIONS) -> tuple[int, ...]:
+    """The padded lengths a classifier's batches may take (`ClassifierBatchSettings.lengths`): the set
+    that minimises `compile_cost` token positions a length (each is one more compiled train step and
+    evaluation program) plus the positions, padding included, that `epochs` epochs of training over
+    documents of `document_lengths` compute, and the predictions: `predicted`, pairs of (document
+    lengths, times predicted), e.g. the validation set each epoch and a test set once, a position
+    counting `PREDICTION_COST`. -> increasing tuple.
+
+    The batches are those of a length-sorted epoch (fastai's SortedDL sorts within chunks of 50
+    batches): documents (truncated to `max_len`) sorted by length, `batch_size` at a time, each as wide
+    as the bucket of its longest document; training drops a last, partial batch. The candidates are
+    the training batches' buckets (each length compiles a train step); a predicted batch takes the
+    smallest kept length that holds it, or its own bucket past the widest. A batch is padded only
+    within its kind (within one `seq_len` window, or whole windows), so each kind is chosen on its
+    own, by dynamic programming over its buckets, and keeps its widest.
+
+    Why: a small data set's epoch is a few batches, each of a different width, and a program
+    compiled for a batch or two costs more than the padding it saves; a large one amortises many.
+    At bs 64, bptt 70 and 4 epochs, 900 IMDb reviews (14 batches an epoch, 5,000 test reviews)
+    take 5 lengths where every bucket would be 8, 22,500 take 16 of 23; TREC-6's questions over
+    7 epochs take 3 of 5.
+    """
+    if compile_cost < 0 or epochs <= 0:
+        raise ValueError(f"compile_cost must be at least 0 and epochs positive, got {compile_cost}, {epochs}")
+    candidates, counts = np.unique(_batch_buckets(document_lengths, settings, drop_last=True), return_counts=True)
+    weights = epochs * counts.astype(float)
+    for lengths, times in predicted:
+        for bucket in _batch_buckets(lengths, settings, drop_last=False):
+            same_kind = (candidates <= settings.seq_len) == (bucket <= settings.seq_len)
+            holds = np.flatnonzero(same_kind & (candidates >= bucket))
+            if len(holds):
+                weights[holds[0]] += times * PREDICTION_COST
     kept = []
     for is_short in (True, False):
-        kind = [(int(b), int(c)) for b, c in zip(buckets, counts) if (b <= settings.seq_len) == is_short]
-        carried, smallest = 0, None
-        for index, (bucket, count) in enumerate(kind):
-            if smallest is not None and bucket > max(max_growth * smallest, smallest + settings.seq_len):
-                kept.append(kind[index - 1][0])          # too far to merge: the group stops below
-                carried, smallest = 0, None
-            smallest = bucket if smallest is None else smallest
-            carried += count
-            if carried >= min_share * len(lengths) or index == len(kind) - 1:
-                kept.append(bucket)
-                carried, smallest = 0, None
+        kind = np.flatnonzero((candidates <= settings.seq_len) == is_short)
+        # best[j]: the least cost of the kind's first j buckets with bucket j - 1 kept; came_from[j]:
+        # how many of them lie below the kept bucket before it (those in between pad to bucket j - 1)
+        best, came_from = [0.0], [0]
+        for j in range(1, len(kind) + 1):
+            width = candidates[kind[j - 1]]
+            costs = [best[k] + compile_cost + settings.batch_size * width * weights[kind[k:j]].sum()
+                     for k in range(j)]
+            came_from.append(int(np.argmin(costs)))
+            best.append(costs[came_from[-1]])
+        j = len(kind)
+        while j > 0:
+            kept.append(int(candidates[kind[j - 1]]))
+            j = came_from[j]
     return tuple(sorted(kept))
 
 
