@@ -311,15 +311,21 @@ COMPILE_COST_POSITIONS = 100_000
 PREDICTION_COST = 1 / 3
 
 
-def _batch_buckets(lengths, settings: ClassifierBatchSettings, drop_last: bool) -> np.ndarray:
-    """The bucket of each batch of a length-sorted layout of documents of `lengths`."""
-    lengths = np.sort(np.asarray(lengths, dtype=np.int64))[::-1]
+def _batch_buckets(lengths, settings: ClassifierBatchSettings, train: bool) -> np.ndarray:
+    """The bucket of each batch `classifier_batches` makes of documents of `lengths`: in training order
+    (drawn from RandomState(0): one draw stands for every epoch's) without the last, partial batch;
+    else sorted."""
+    lengths = np.asarray(lengths, dtype=np.int64)
     if settings.max_len is not None:
         lengths = np.minimum(lengths, settings.max_len)
-    if drop_last and len(lengths) >= settings.batch_size:
-        lengths = lengths[:len(lengths) // settings.batch_size * settings.batch_size]
+    if train:
+        order = shuffled_sorted_order(lengths, settings.batch_size, np.random.RandomState(0))
+        order = order[:len(order) // settings.batch_size * settings.batch_size]
+    else:
+        order = sorted_order(lengths)
     plain = dataclasses.replace(settings, lengths=None)
-    return np.array([padded_length(int(n), plain) for n in lengths[::settings.batch_size]], dtype=np.int64)
+    return np.array([padded_length(int(lengths[order[i:i + settings.batch_size]].max()), plain)
+                     for i in range(0, len(order), settings.batch_size)], dtype=np.int64)
 
 
 def bucket_lengths(document_lengths, settings: ClassifierBatchSettings, *, epochs: float = 1.0, predicted=(),
@@ -331,9 +337,9 @@ def bucket_lengths(document_lengths, settings: ClassifierBatchSettings, *, epoch
     lengths, times predicted), e.g. the validation set each epoch and a test set once, a position
     counting `PREDICTION_COST`. -> increasing tuple.
 
-    The batches are those of a length-sorted epoch (fastai's SortedDL sorts within chunks of 50
-    batches): documents (truncated to `max_len`) sorted by length, `batch_size` at a time, each as wide
-    as the bucket of its longest document; training drops a last, partial batch. The candidates are
+    The batches are those `classifier_batches` makes (training: fastai's SortedDL order, sorted by
+    length within chunks of 50 batches, without a last, partial batch; predictions: sorted), each
+    as wide as the bucket of its longest document (truncated to `max_len`). The candidates are
     the training batches' buckets (each length compiles a train step); a predicted batch takes the
     smallest kept length that holds it, or its own bucket past the widest. A batch is padded only
     within its kind (within one `seq_len` window, or whole windows), so each kind is chosen on its
@@ -342,15 +348,15 @@ def bucket_lengths(document_lengths, settings: ClassifierBatchSettings, *, epoch
     Why: a small data set's epoch is a few batches, each of a different width, and a program
     compiled for a batch or two costs more than the padding it saves; a large one amortises many.
     At bs 64, bptt 70 and 4 epochs, 900 IMDb reviews (14 batches an epoch, 5,000 test reviews)
-    take 5 lengths where every bucket would be 8, 22,500 take 16 of 23; TREC-6's questions over
-    7 epochs take 3 of 5.
+    take 5 lengths where every bucket would be 8, 22,500 take 18 of 22; TREC-6's questions over
+    7 epochs take 3 of 6.
     """
     if compile_cost < 0 or epochs <= 0:
         raise ValueError(f"compile_cost must be at least 0 and epochs positive, got {compile_cost}, {epochs}")
-    candidates, counts = np.unique(_batch_buckets(document_lengths, settings, drop_last=True), return_counts=True)
+    candidates, counts = np.unique(_batch_buckets(document_lengths, settings, train=True), return_counts=True)
     weights = epochs * counts.astype(float)
     for lengths, times in predicted:
-        for bucket in _batch_buckets(lengths, settings, drop_last=False):
+        for bucket in _batch_buckets(lengths, settings, train=False):
             same_kind = (candidates <= settings.seq_len) == (bucket <= settings.seq_len)
             holds = np.flatnonzero(same_kind & (candidates >= bucket))
             if len(holds):
