@@ -323,6 +323,7 @@ def test_a_small_data_set_gets_fewer_lengths_than_a_large_one_of_the_same_spread
     assert len(small) < len(large) < len(every)
     assert large[-1] == every[-1] == 3360 and small[-1] == -(-lengths[:900].max() // 70) * 70   # the widest kept
     assert bucket_lengths(lengths, settings_, compile_cost=1e12) == (70, 3360)   # one length a kind
+    assert bucket_lengths([], settings_) == ()
     with pytest.raises(ValueError, match="compile_cost"):
         bucket_lengths(lengths, settings_, compile_cost=-1)
 

@@ -346,14 +346,14 @@ def classifier_layout(config: ClassifierConfig, train_documents, batch_size: int
     documents, validating on `valid_documents` each epoch and predicting `predict_documents` once
     (`text.batches.bucket_lengths`), steps per epoch)."""
     from ulmfit_jax.text.batches import bucket_lengths
+    steps_per_epoch = len(train_documents) // batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"the training set has {len(train_documents)} documents: fewer than one batch of {batch_size}")
     settings = predict.classifier_batch_settings(config, batch_size, backwards)
     lengths = lambda documents: [len(d) for d in documents or ()]
     settings = dataclasses.replace(settings, lengths=bucket_lengths(
         lengths(train_documents), settings, epochs=epochs,
         predicted=((lengths(valid_documents), epochs), (lengths(predict_documents), 1))))
-    steps_per_epoch = len(train_documents) // batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(f"the training set has {len(train_documents)} documents: fewer than one batch of {batch_size}")
     return settings, steps_per_epoch
 
 

@@ -316,6 +316,8 @@ def _batch_buckets(lengths, settings: ClassifierBatchSettings, train: bool) -> n
     (drawn from RandomState(0): one draw stands for every epoch's) without the last, partial batch;
     else sorted."""
     lengths = np.asarray(lengths, dtype=np.int64)
+    if not len(lengths):
+        return lengths
     if settings.max_len is not None:
         lengths = np.minimum(lengths, settings.max_len)
     if train:
