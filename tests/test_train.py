@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ulmfit_jax import checkpoint, metrics, models, optim, parallel, steps, train
+from ulmfit_jax import checkpoint, metrics, models, optim, parallel, predict, steps, train
 from ulmfit_jax.config import awd_lstm_clas_config, awd_lstm_lm_config
+from ulmfit_jax.text.batches import padded_length
 
 LM_CONFIG = awd_lstm_lm_config(40, emb_size=8, n_hidden=12, n_layers=2)
 CLAS_CONFIG = awd_lstm_clas_config(40, 3, emb_size=8, n_hidden=12, n_layers=2, bptt=6)
@@ -155,23 +156,36 @@ def test_classifier_learns_a_separable_task_with_gradual_unfreezing():
 
 def test_each_program_compiles_once_for_the_whole_run():
     """Two stages of each model: one train step for each batch shape (not one per stage and shape),
-    compiled ahead of use, and one classifier forward pass per validation shape."""
+    compiled ahead of use, and one classifier forward pass per validation shape; a prediction
+    afterwards through the fit's layout (what train_classifier.py does with its test set) compiles
+    nothing more."""
     lm_documents, clas_documents = documents(16), documents(40, seed=4, low=2, high=14)
+    test_documents = documents(12, seed=5, low=2, high=18)          # some longer than every training one
     clas_labels = np.arange(40) % 3
     adam = lambda lr: optim.OptimizerConfig(learning_rate=lr)
     lm_stages = [train.Stage(1, adam(1e-2), optim.freeze(3)), train.Stage(1, adam(1e-3))]
     clas_stages = [train.Stage(1, adam(1e-2), optim.freeze_to(-1, 4)), train.Stage(1, adam(1e-3))]
     lm_params = models.init_language_model(jax.random.PRNGKey(0), LM_CONFIG)
     clas_params, stats = models.init_classifier(jax.random.PRNGKey(1), CLAS_CONFIG)
-    settings, _ = train.classifier_layout(CLAS_CONFIG, clas_documents, 8)
-    assert len(settings.lengths) > 1
+    layout, _ = train.classifier_layout(CLAS_CONFIG, clas_documents, 8, epochs=2, valid_documents=clas_documents,
+                                        predict_documents=test_documents)
+    assert len(layout.lengths) > 1
+    shapes = lambda docs: {padded_length(len(d), layout) for d in docs}
     with count_compiles() as compiles, count_compiles("predict") as predicts:
         train.fit_language_model(lm_params, LM_CONFIG, lm_documents, None, lm_stages, batch_size=4, bptt=5)
-        _, _, history, _ = train.fit_classifier(clas_params, stats, CLAS_CONFIG, clas_documents, clas_labels,
-                                                clas_documents, clas_labels, clas_stages, batch_size=8)
+        params, stats, history, _ = train.fit_classifier(
+            clas_params, stats, CLAS_CONFIG, clas_documents, clas_labels, clas_documents, clas_labels, clas_stages,
+            batch_size=8, predict_documents=test_documents, layout=layout)
     assert len(history) == 2
-    assert len(compiles) == 1 + len(settings.lengths), compiles
-    assert len(predicts) == len(settings.lengths), predicts
+    assert len(compiles) == 1 + len(layout.lengths), compiles
+    assert len(predicts) == len(shapes(clas_documents) | shapes(test_documents)), predicts
+    with count_compiles("predict") as after:
+        predict.predict_classifier(predict.classifier_predictor(CLAS_CONFIG), *parallel.local_copy((params, stats)),
+                                   test_documents, layout)
+    assert after == []
+    with pytest.raises(ValueError, match="batch size and direction"):
+        train.fit_classifier(clas_params, stats, CLAS_CONFIG, clas_documents, clas_labels, None, None, clas_stages,
+                             batch_size=4, layout=layout)
 
 
 def test_a_program_per_stage_trains_alike():
