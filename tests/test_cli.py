@@ -68,3 +68,20 @@ def test_finish_prints_strict_json_and_final_epoch_reads_a_finished_run(tmp_path
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 0, "step": 5}\n{"epoch": 1, "step": 9}\n'
                                             '{"resumed_from_step": 9}\n')
     assert cli.final_epoch(tmp_path, []) == {"epoch": 1, "step": 9}
+
+
+def test_a_resumed_runs_plot_has_every_epoch_once(tmp_path, monkeypatch):
+    """The first process recorded epochs 0 and 1 and was stopped before epoch 1's checkpoint; the
+    rerun trains epoch 1 again and epoch 2: the plot shows epochs 1, 2, 3, epoch 2's newest loss."""
+    import matplotlib.axes
+    (tmp_path / "metrics.jsonl").write_text('{"stage": "finetune", "epoch": 0, "train_loss": 3.0}\n'
+                                            '{"stage": "finetune", "epoch": 1, "train_loss": 2.5}\n')
+    log = cli.RunLog(tmp_path, "finetune")
+    log({"resumed_from_step": 10})
+    log({"epoch": 1, "train_loss": 2.25})
+    log({"epoch": 2, "train_loss": 2.0})
+    plotted = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda axis, x, y, **_: plotted.append((list(x), list(y))))
+    assert log.plot() == tmp_path / "finetune_metrics.png" and log.plot_path.exists()
+    assert plotted == [([1, 2, 3], [3.0, 2.25, 2.0])]
+    assert [r["epoch"] for r in cli.epoch_records(tmp_path)] == [0, 1, 2]

@@ -228,11 +228,9 @@ class RunLog:
         self.path = out / METRICS_FILE
         self.plot_path = out / f"{stage}_metrics.png"
         self.stage = stage
-        self.records: list[dict] = []
 
     def __call__(self, record: dict) -> None:
         record = {"stage": self.stage, **record}
-        self.records.append(record)
         if not _main_process():
             return
         line = json.dumps(record)
@@ -241,8 +239,11 @@ class RunLog:
         print(line, flush=True)
 
     def plot(self) -> Path | None:
-        epochs = [r for r in self.records if "epoch" in r]
-        if not epochs or not _main_process():
+        """Every epoch of the run in `out/metrics.jsonl`: a resumed run's earlier processes' too."""
+        if not _main_process():
+            return None
+        epochs = epoch_records(self.path.parent)
+        if not epochs:
             return None
         import matplotlib
         matplotlib.use("Agg")
@@ -269,17 +270,24 @@ def finish(result: dict, throughput, started: float) -> None:
                       for k, v in result.items()}, allow_nan=False), flush=True)
 
 
-def final_epoch(out: Path, history: list[dict]) -> dict:
-    """The run's last epoch record: this process's, or, for a rerun of a finished run (which has no
-    epoch left to train), the last one in `out/metrics.jsonl`."""
+def epoch_records(out: Path) -> list[dict]:
+    """The epoch records in `out/metrics.jsonl`, in epoch order, the newest of an epoch that was
+    recorded twice (a run stopped after an epoch's record, before its checkpoint, trains it again)."""
     from ulmfit_jax.runs import METRICS_FILE
-    if history:
-        return history[-1]
     try:
         lines = (Path(out) / METRICS_FILE).read_text().splitlines()
     except OSError:
-        return {}
-    epochs = [record for record in map(json.loads, lines) if "epoch" in record]
+        return []
+    latest = {record["epoch"]: record for record in map(json.loads, lines) if "epoch" in record}
+    return [latest[epoch] for epoch in sorted(latest)]
+
+
+def final_epoch(out: Path, history: list[dict]) -> dict:
+    """The run's last epoch record: this process's, or, for a rerun of a finished run (which has no
+    epoch left to train), the last one in `out/metrics.jsonl`."""
+    if history:
+        return history[-1]
+    epochs = epoch_records(out)
     return epochs[-1] if epochs else {}
 
 
