@@ -13,9 +13,9 @@ show how much padding it computes. Both sides lay out the same documents:
   (fastai's `make_vocab`: min_freq 3, max 60,000). Only the lengths matter for shapes and padding.
 - ulmfit_jax: what `train.fit_classifier` does with `bs` 64: `train.classifier_layout` (the bucket
   lengths `text.batches.bucket_lengths` chooses for `--epochs` epochs over the training reviews and
-  one prediction of the test reviews, widths multiples of bptt, or of 8 within one window), `classifier_batches(train=True)` with the RandomState of
-  `[seed, epoch]`, full documents (no truncation: BPT3C's max_len 1440 acts in the model). Compiles:
-  the train-step programs `fit_classifier` compiles ahead (one per entry of `settings.lengths`), the
+  one prediction of the test reviews, widths multiples of bptt, or of 8 within one window),
+  `classifier_batches(train=True)` with the RandomState of `[seed, epoch]`, full documents (no
+  truncation: BPT3C's max_len 1440 acts in the model). Compiles: the train-step programs `fit_classifier` compiles ahead (one per entry of `settings.lengths`), the
   distinct shapes the epochs actually use, and the evaluation programs it compiles for the test
   reviews (one per `padded_length` of a document). Also: epoch 0 by width (batches, share of the
   positions, padding), and its shapes and padding with every bucket its own length (`lengths=None`).
@@ -131,7 +131,7 @@ def ours(train_docs, train_labels, test_docs, bptt: int, bs: int, seed: int, epo
     result["train_distinct_shapes_all_epochs"] = len(union)
     result["per_batch_longest_epoch0"] = per_batch_longest
 
-    unmerged = dataclasses.replace(settings, lengths=None)
+    every_bucket = dataclasses.replace(settings, lengths=None)
     shapes, positions, pads, per_width = [], 0, 0, {}
     for batch in classifier_batches(train_docs, train_labels, settings, train=True,
                                     rng=np.random.RandomState([seed, 0])):
@@ -141,12 +141,12 @@ def ours(train_docs, train_labels, test_docs, bptt: int, bs: int, seed: int, epo
         row["padding"] += int((~batch.token_mask).sum())
     result["train_epoch0_by_width"] = {w: {**r, "padding_share": round(r["padding"] / r["positions"], 4)}
                                        for w, r in sorted(per_width.items())}
-    for batch in classifier_batches(train_docs, train_labels, unmerged, train=True,
+    for batch in classifier_batches(train_docs, train_labels, every_bucket, train=True,
                                     rng=np.random.RandomState([seed, 0])):
         shapes.append(batch.tokens.shape)
         positions += batch.tokens.size
         pads += int((~batch.token_mask).sum())
-    result["train_epoch0_unmerged"] = summarize(shapes, positions, pads, positions, pads)
+    result["train_epoch0_every_bucket"] = summarize(shapes, positions, pads, positions, pads)
 
     shapes, positions, pads = [], 0, 0
     for batch in classifier_batches(test_docs, None, settings, train=False):
@@ -222,8 +222,9 @@ def main():
         mine = ours(train_docs, train_labels, test_docs, bptt, args.bs, args.seed, args.epochs)
         theirs = fastai_side(train_docs, train_labels, test_docs, test_labels, bptt, args.bs, args.seed, args.epochs)
         same = mine.pop("per_batch_longest_epoch0") == theirs.pop("per_batch_longest_epoch0")
-        ratio = {"merged": mine["train_epochs"][0]["positions"] / theirs["train_epochs"][0]["lstm_positions"],
-                 "unmerged": mine["train_epoch0_unmerged"]["positions"] / theirs["train_epochs"][0]["lstm_positions"]}
+        theirs_positions = theirs["train_epochs"][0]["lstm_positions"]
+        ratio = {"chosen": mine["train_epochs"][0]["positions"] / theirs_positions,
+                 "every_bucket": mine["train_epoch0_every_bucket"]["positions"] / theirs_positions}
         sides.append({"lstm_positions_ours_over_fastai_epoch0": {k: round(v, 3) for k, v in ratio.items()},
                       "bptt": bptt, "ours": mine, "fastai": theirs, "same_batches_epoch0": same,
                       "seconds": round(time.perf_counter() - started, 1)})
@@ -250,12 +251,12 @@ def main():
             print(f"| {side['bptt']} | {name} | test | {test['batches']} | {shapes} | {test['median_width']:.0f} | "
                   f"{test['padding_share']:.1%} | {test['lstm_padding_share']:.1%} |")
     for side in sides:
-        unmerged = side["ours"]["train_epoch0_unmerged"]
-        print(f"bptt {side['bptt']}: ours with every bucket (lengths=None): {unmerged['distinct_shapes']} shapes, "
-              f"padding {unmerged['padding_share']:.1%}, {unmerged['positions']:,} positions; as trained: "
+        every = side["ours"]["train_epoch0_every_bucket"]
+        print(f"bptt {side['bptt']}: ours with every bucket (lengths=None): {every['distinct_shapes']} shapes, "
+              f"padding {every['padding_share']:.1%}, {every['positions']:,} positions; as trained: "
               f"{side['ours']['train_epochs'][0]['positions']:,} positions; LSTM positions of epoch 0, ours / fastai's: "
-              f"{side['lstm_positions_ours_over_fastai_epoch0']['merged']:.2f} merged, "
-              f"{side['lstm_positions_ours_over_fastai_epoch0']['unmerged']:.2f} unmerged; ours by width: "
+              f"{side['lstm_positions_ours_over_fastai_epoch0']['chosen']:.2f} with the chosen lengths, "
+              f"{side['lstm_positions_ours_over_fastai_epoch0']['every_bucket']:.2f} with every bucket; ours by width: "
               + ", ".join(f"{w}: {r['batches']} batches, {r['positions'] / side['ours']['train_epochs'][0]['positions']:.0%}"
                           f" of positions, {r['padding_share']:.0%} padding"
                           for w, r in side["ours"]["train_epoch0_by_width"].items()))
