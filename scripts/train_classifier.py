@@ -75,7 +75,7 @@ def main(argv=None):
         raise SystemExit(f"error: {args.data}: the training set is empty")
     train_docs, train_labels, valid_docs, valid_labels = cli.validation_split(data, documents, labels, args.seed)
     config = cli.classifier_config(args, len(data.vocab), len(data.classes))
-    params, batch_stats = models.init_classifier(jax.random.PRNGKey(args.seed), config)
+    encoder_params = None
     if args.encoder is not None:
         encoder_config, encoder_params, encoder_vocab = checkpoint.load_encoder(args.encoder)
         if encoder_vocab != data.vocab:
@@ -91,7 +91,8 @@ def main(argv=None):
         config = type(config)(**{**config.__dict__, "encoder": type(encoder_config)(**{
             **encoder_config.__dict__, **{k: getattr(config.encoder, k) for k in (
                 "hidden_p", "input_p", "embed_p", "weight_p")}})})
-        params, batch_stats = models.init_classifier(jax.random.PRNGKey(args.seed), config)
+    params, batch_stats = models.init_classifier(jax.random.PRNGKey(args.seed), config)
+    if encoder_params is not None:
         params["encoder"] = encoder_params
     n_groups = optim.n_groups(optim.layer_group_labels(params, "classifier"))
     stages = stages_for(args, n_groups, from_scratch=args.encoder is None)
