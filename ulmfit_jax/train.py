@@ -192,13 +192,15 @@ def run_stages(kind: str, config, state: steps.TrainState, stages, steps_per_epo
             compiler.submit(stage_step(index)[1], state, spec, key=_shapes(spec))
     for fn, *args in ahead:
         compiler.submit(fn, *args)
+    if checkpointer is not None:
+        compiler.submit(_all_finite, (state.params, state.opt_state))     # the check before every save
     history, throughput, losses = [], metrics.Throughput(), metrics.LossBuffer()
     compiled_before = compile_seconds()
 
     def save(step, state):
         if checkpointer is None:
             return
-        if not bool(_all_finite((state.params, state.opt_state))):
+        if not bool(compiler.call(_all_finite, (state.params, state.opt_state))):
             raise FloatingPointError(f"the parameters are not finite after step {step}; no checkpoint written")
         checkpointer.save(step, _checkpoint_tree(state, epoch_losses))
 
