@@ -249,6 +249,17 @@ def test_nan_loss_stops_with_the_step_named(tmp_path):
     assert checkpointer.latest_step() is None           # nothing saved from non-finite state
 
 
+def test_parameters_that_turn_non_finite_are_never_checkpointed(tmp_path):
+    """An infinite learning rate: the first step's loss is finite, the parameters after it are not."""
+    params = models.init_language_model(jax.random.PRNGKey(1), LM_CONFIG)
+    checkpointer = checkpoint.TrainingCheckpointer(tmp_path / "c")
+    with pytest.raises(FloatingPointError, match="the parameters are not finite after step 1"):
+        train.fit_language_model(params, LM_CONFIG, documents(30), None,
+                                 [train.Stage(1, optim.OptimizerConfig(learning_rate=float("inf")))],
+                                 batch_size=4, bptt=5, max_steps=1, checkpointer=checkpointer)
+    assert checkpointer.latest_step() is None
+
+
 def test_a_training_set_too_small_for_one_batch_is_a_clear_error():
     stages = [train.Stage(1, optim.OptimizerConfig())]
     params = models.init_language_model(jax.random.PRNGKey(0), LM_CONFIG)
