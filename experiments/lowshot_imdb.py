@@ -66,13 +66,15 @@ def run_point(args, seed: int, n: int) -> dict:
 
 
 def summarize(points: dict) -> dict:
-    """{variant: {n: {"errors": [...], "mean", "std"}}} over the seeds that ran."""
+    """{variant: {n: {"errors": [...], "mean", "std"}}} over the seeds that ran (the sample standard
+    deviation; 0 for one seed)."""
     summary = {}
     for variant in VARIANTS:
         for n, runs in sorted(points.items()):
             errors = [1 - run[variant]["test_accuracy"] for run in runs.values()]
             summary.setdefault(variant, {})[n] = {"errors": errors, "mean": float(np.mean(errors)),
-                                                  "std": float(np.std(errors)), "seeds": sorted(runs)}
+                                                  "std": float(np.std(errors, ddof=1)) if len(errors) > 1 else 0.0,
+                                                  "seeds": sorted(runs)}
     return summary
 
 
