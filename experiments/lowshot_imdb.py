@@ -47,6 +47,14 @@ def architecture(pretrained: Path) -> list:
     return ["--emb-sz", encoder.emb_size, "--n-hid", encoder.n_hidden, "--n-layers", encoder.n_layers]
 
 
+STEPS = ("scratch", "lm_supervised", "supervised", "semi")
+
+
+def ran(args, seed: int, n: int) -> bool:
+    """Whether every step of the point at n labelled reviews and `seed` is recorded in OUT/steps."""
+    return all((args.out / "steps" / f"{name}_n{n}_seed{seed}.json").exists() for name in STEPS)
+
+
 def run_point(args, seed: int, n: int) -> dict:
     """The three variants' test errors at n labelled reviews and one seed."""
     flags = bench.imdb_flags(epochs(n))
@@ -123,6 +131,8 @@ def main(argv=None):
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 200, 500, 1000, 2500])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--test-docs", type=int, default=5000)
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: report the sizes and seeds whose steps OUT already records")
     args = parser.parse_args(argv)
     args.semi_supervised = args.semi_supervised or args.imdb / "lm_forward" / "encoder"
     for path in (args.imdb / "data" / "meta.json", args.pretrained, args.semi_supervised):
@@ -133,7 +143,10 @@ def main(argv=None):
     points = {}
     for seed in args.seeds:
         for n in args.sizes:
-            points.setdefault(n, {})[seed] = run_point(args, seed, n)
+            if not args.report_only or ran(args, seed, n):
+                points.setdefault(n, {})[seed] = run_point(args, seed, n)
+    if not points:
+        raise SystemExit(f"error: {args.out / 'steps'} records no point of these sizes and seeds")
     summary = summarize(points)
     result = {
         "experiment": "lowshot_imdb", "test_docs": args.test_docs, "epochs": {n: epochs(n) for n in args.sizes},
