@@ -41,3 +41,14 @@ def test_no_key_or_zero_probability_is_identity(key):
     assert dropout.locked_dropout(None, x, 0.5, time_axis=1) is x
     np.testing.assert_array_equal(dropout.locked_dropout(key, x, 0.0, time_axis=1), x)
     np.testing.assert_array_equal(dropout.weight_drop(key, x, 0.0), x)
+
+
+def test_mask_is_a_function_of_its_key_with_the_keep_rate(key):
+    """The same key draws the same mask, another key another one, each keeping 1 - p of the units."""
+    p = 0.1
+    first, again = (np.asarray(dropout.dropout_mask(key, (300, 400), p)) for _ in range(2))
+    other = np.asarray(dropout.dropout_mask(jax.random.fold_in(key, 1), (300, 400), p))
+    np.testing.assert_array_equal(first, again)
+    assert (first != other).mean() > 0.1
+    for mask in (first, other):
+        assert abs((mask > 0).mean() - (1 - p)) < 0.005
