@@ -92,7 +92,8 @@ def _recurrence_fwd(projected, w_hh, bias, h0, c0, unroll):
 
 
 def _recurrence_bwd(unroll, residuals, cotangents):
-    """The reverse loop in the transposed layout of `_forward`: cs f32[T, H, B], gates f32[T, 4H, B]."""
+    """The reverse loop in the transposed layout of `_forward`: cs f32[T, H, B], gates f32[T, 4H, B];
+    the gates' gradients leave the loop in that layout too, transposed once afterwards."""
     w_hh, h0, c0, hs, cs, gates = residuals
     d_hs, (d_h_last, d_c_last) = cotangents
     c_prev = jnp.concatenate([c0.T[None], cs[:-1]], axis=0)
@@ -111,11 +112,12 @@ def _recurrence_bwd(unroll, residuals, cotangents):
             d_c * i * (1.0 - g * g),
             d_h * tanh_c * o * (1.0 - o),
         ], axis=0)                                                      # [4H, B]
-        return (w_hh_t @ d_pre, d_c * f, d_bias + d_pre.sum(axis=1)), d_pre.T
+        return (w_hh_t @ d_pre, d_c * f, d_bias + d_pre.sum(axis=1)), d_pre
 
     (d_h0, d_c0, d_bias), d_projected = jax.lax.scan(
         step, (d_h_last.T, d_c_last.T, jnp.zeros(w_hh.shape[0], w_hh.dtype)), (d_hs, cs, c_prev, gates),
         reverse=True, unroll=unroll)
+    d_projected = d_projected.transpose(0, 2, 1)                        # [T, B, 4H]: one transpose, not one a step
     h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)
     d_w_hh = jnp.einsum("tbg,tbh->gh", d_projected, h_prev)
     return d_projected, d_w_hh, d_bias, d_h0.T, d_c0.T
