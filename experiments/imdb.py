@@ -14,7 +14,9 @@ Each step runs the project's scripts in a fresh process:
 - per direction, `scripts/finetune_lm.py` on `--lm-docs` documents of the train and unsup text
   (chosen by seed; `--max-docs`), then `scripts/train_classifier.py --encoder` on `--train-docs`
   labelled training reviews (balanced, chosen by seed; `--train-docs`), which also evaluates its
-  direction on the test reviews; then `scripts/evaluate.py --ensemble` for the pair.
+  direction on the test reviews; then `scripts/evaluate.py --ensemble` for the pair. With
+  `--lms-from` an earlier run's prepared data and fine-tuned LMs are reused, and only the
+  classifiers and the ensemble run (e.g. on more labelled reviews).
 
 What is cut to fit (the paper: 400/1150/3 on WikiText-103, fine-tuning on all 75,000 train and
 unsup reviews, a classifier on all 25,000 training reviews for many epochs) is in the JSON and
@@ -76,6 +78,23 @@ def pretrained_models(args) -> dict[str, Path]:
     return {"forward": forward, "backward": backward_out / "best"}
 
 
+def lms_from(args) -> Path:
+    """The earlier run whose data and fine-tuned LMs `--lms-from` reuses, checked to be finished and to
+    have the same LM settings (the pretrained LMs it started from are in its results.json)."""
+    earlier = args.lms_from.resolve()
+    try:
+        settings = json.loads((earlier / "results.json").read_text())["settings"]
+    except FileNotFoundError:
+        raise SystemExit(f"error: --lms-from {earlier}: no results.json, that run has not finished") from None
+    for name in ("lm_docs", "max_vocab", "seed", "wiki_words", "pretrained"):
+        same = (Path(settings[name]).resolve() == args.pretrained.resolve() if name == "pretrained" and
+                args.pretrained is not None else settings[name] == str(getattr(args, name)))
+        if not same:
+            raise SystemExit(f"error: --lms-from {earlier} ran with --{name.replace('_', '-')} {settings[name]}, "
+                             f"this run asks for {getattr(args, name)}")
+    return earlier
+
+
 def summary_table(result: dict) -> str:
     rows = [f"| {name} | {result['test_error'][name]:.4f} |" for name in (*DIRECTIONS, "ensemble")]
     walls = [f"| {name} | {seconds:.0f} |" for name, seconds in result["wall_seconds"].items()]
@@ -111,21 +130,27 @@ def main(argv=None):
     parser.add_argument("--lm-docs", type=int, default=6_000, help="train + unsup reviews for LM fine-tuning")
     parser.add_argument("--train-docs", type=int, default=2_500, help="labelled training reviews, balanced")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lms-from", type=Path, help="an earlier OUT of this experiment (same --lm-docs, "
+                        "--max-vocab and --seed) whose prepared data and fine-tuned LMs the classifiers start from")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    models = pretrained_models(args)
-    data = args.out / "data"
-    prepared = step(args, "prepare", [SCRIPTS / "prepare_data.py", "--input", args.data_dir / "imdb", "--format",
-                                      "imdb", "--out", data, "--max-vocab", args.max_vocab, "--no-progress"])
-    classifiers, results = {}, {"prepare": prepared}
+    lms = args.out if args.lms_from is None else lms_from(args)
+    data = lms / "data"
+    if args.lms_from is None:
+        models = pretrained_models(args)
+        step(args, "prepare", [SCRIPTS / "prepare_data.py", "--input", args.data_dir / "imdb", "--format", "imdb",
+                               "--out", data, "--max-vocab", args.max_vocab, "--no-progress"])
+    classifiers, results = {}, {"prepare": json.loads((lms / "steps" / "prepare.json").read_text())}
     for direction in DIRECTIONS:
         flags = ["--seed", args.seed, *(["--backwards"] if direction == "backward" else [])]
-        results[f"finetune_{direction}"] = step(args, f"finetune_{direction}", [
-            SCRIPTS / "finetune_lm.py", "--data", data, "--pretrained", models[direction], "--out",
-            args.out / f"lm_{direction}", "--max-docs", args.lm_docs, *bench.imdb_flags()["finetune"], *flags])
+        if args.lms_from is None:
+            step(args, f"finetune_{direction}", [
+                SCRIPTS / "finetune_lm.py", "--data", data, "--pretrained", models[direction], "--out",
+                args.out / f"lm_{direction}", "--max-docs", args.lm_docs, *bench.imdb_flags()["finetune"], *flags])
+        results[f"finetune_{direction}"] = json.loads((lms / "steps" / f"finetune_{direction}.json").read_text())
         results[f"classifier_{direction}"] = step(args, f"classifier_{direction}", [
-            SCRIPTS / "train_classifier.py", "--data", data, "--encoder", args.out / f"lm_{direction}" / "encoder",
+            SCRIPTS / "train_classifier.py", "--data", data, "--encoder", lms / f"lm_{direction}" / "encoder",
             "--out", args.out / f"clas_{direction}", "--train-docs", args.train_docs, *bench.imdb_flags()["classifier"],
             *flags])
         classifiers[direction] = args.out / f"clas_{direction}" / "last"
@@ -138,7 +163,8 @@ def main(argv=None):
                 f"train and unsup reviews (1 epoch of the last group, 1 of all); classifiers on {args.train_docs:,} "
                 "of the 25,000 labelled training reviews (balanced; 10% of them for validation), gradual unfreezing "
                 "one epoch per stage and one epoch of all groups; bptt 70, BPT3C max_len 1,440 (the last 21 "
-                "windows of a review carry gradients)."),
+                "windows of a review carry gradients)." +
+                ("" if args.lms_from is None else f" The data and fine-tuned LMs are those of {args.lms_from}.")),
         "test_reviews": results["ensemble"].get("documents"),
         "test_error": {"forward": 1 - results["classifier_forward"]["test_accuracy"],
                        "backward": 1 - results["classifier_backward"]["test_accuracy"],
