@@ -87,11 +87,14 @@ def lms_from(args) -> Path:
     except FileNotFoundError:
         raise SystemExit(f"error: --lms-from {earlier}: no results.json, that run has not finished") from None
     for name in ("lm_docs", "max_vocab", "seed", "wiki_words", "pretrained"):
-        same = (Path(settings[name]).resolve() == args.pretrained.resolve() if name == "pretrained" and
-                args.pretrained is not None else settings[name] == str(getattr(args, name)))
+        asked = getattr(args, name)
+        if isinstance(asked, Path):                                     # --pretrained: the same folder
+            same = Path(settings[name]).resolve() == asked.resolve()
+        else:
+            same = settings[name] == str(asked)
         if not same:
             raise SystemExit(f"error: --lms-from {earlier} ran with --{name.replace('_', '-')} {settings[name]}, "
-                             f"this run asks for {getattr(args, name)}")
+                             f"this run asks for {asked}")
     return earlier
 
 
