@@ -53,18 +53,21 @@ def test_three_stages_evaluate_and_predict(tmp_path):
     refused = run_failing("finetune_lm.py", "--data", data, "--pretrained", tmp_path / "lm" / "best", "--out",
                           tmp_path / "ft_refused", *TINY, "--labelled-docs", "60", "--max-docs", "100")
     assert "--labelled-docs chooses the documents; it does not go with --max-docs" in refused
+    # the tiny model learns only with light dropout (fastai's classifier dropouts make it predict one
+    # class): 0.52-0.57 test accuracy over seeds 1-3 with --drop-mult 0.1, 0.19-0.35 without
+    clas_flags = [*TINY, "--bs", "64", "--epochs", "1", "--drop-mult", "0.1"]
     classifier = run("train_classifier.py", "--data", data, "--encoder", finetuned["encoder"], "--out",
-                     tmp_path / "clas", *TINY, "--bs", "64", "--epochs", "1")
+                     tmp_path / "clas", *clas_flags)
     test_labels = np.asarray(load_prepared(data).splits["test"].labels)
     majority = np.bincount(test_labels).max() / len(test_labels)           # DESC: 138 of 500
     # gradual unfreezing: 4 one-epoch stages of 76 full batches of 64 (4,907 training questions)
-    assert classifier["step"] == 4 * 76 and classifier["test_accuracy"] > majority + 0.05
+    assert classifier["step"] == 4 * 76 and classifier["test_accuracy"] > majority + 0.15
     records = [json.loads(line) for line in (tmp_path / "clas" / "metrics.jsonl").read_text().splitlines()]
     assert [r["trainable"] for r in records if "epoch" in r][:2] == [[3], [2, 3]]
     assert (tmp_path / "clas" / "classifier_metrics.png").is_file()
 
     rerun = run("train_classifier.py", "--data", data, "--encoder", finetuned["encoder"], "--out",
-                tmp_path / "clas", *TINY, "--bs", "64", "--epochs", "1")
+                tmp_path / "clas", *clas_flags)
     assert {k: rerun[k] for k in ("step", "valid_loss", "test_accuracy")} == {
         k: classifier[k] for k in ("step", "valid_loss", "test_accuracy")}
 
