@@ -146,9 +146,7 @@ def main(argv=None):
                                                args.out)
 
     # Stage 3: the classifier, gradual unfreezing with discriminative learning rates
-    params, batch_stats = models.init_classifier(jax.random.PRNGKey(args.seed + 1), clas_config)
-    if encoder_params is not None:
-        params["encoder"] = encoder_params
+    params, batch_stats = models.init_classifier(jax.random.PRNGKey(args.seed + 1), clas_config, encoder_params)
     layout, _ = train.classifier_layout(clas_config, trec_ids, settings.classifier_bs,
                                         epochs=sum(stage.epochs for stage in stages), predict_documents=test_ids)
     params, batch_stats, _, _ = train.fit_classifier(params, batch_stats, clas_config, trec_ids, train_labels,

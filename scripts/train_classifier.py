@@ -91,9 +91,7 @@ def main(argv=None):
         config = type(config)(**{**config.__dict__, "encoder": type(encoder_config)(**{
             **encoder_config.__dict__, **{k: getattr(config.encoder, k) for k in (
                 "hidden_p", "input_p", "embed_p", "weight_p")}})})
-    params, batch_stats = models.init_classifier(jax.random.PRNGKey(args.seed), config)
-    if encoder_params is not None:
-        params["encoder"] = encoder_params
+    params, batch_stats = models.init_classifier(jax.random.PRNGKey(args.seed), config, encoder_params)
     n_groups = optim.n_groups(optim.layer_group_labels(params, "classifier"))
     stages = stages_for(args, n_groups, from_scratch=args.encoder is None)
     log = cli.RunLog(args.out, "classifier")

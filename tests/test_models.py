@@ -1,11 +1,12 @@
-"""Model composition: mixed precision tracks float32; the LM's hidden and full forward agree."""
+"""Model composition: mixed precision tracks float32; the LM's hidden and full forward agree; a
+classifier starts from a given encoder."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ulmfit_jax import encoder, losses, models
-from ulmfit_jax.config import awd_lstm_lm_config
+from ulmfit_jax.config import ClassifierConfig, EncoderConfig, awd_lstm_lm_config
 
 
 def test_bfloat16_matmuls_track_float32_and_keep_float32_state(key):
@@ -48,3 +49,13 @@ def test_language_model_hidden_returns_what_language_model_apply_returns_but_the
     np.testing.assert_array_equal(dropped, apply_dropped)
     assert not np.array_equal(raw, dropped)                                  # output dropout was applied
     np.testing.assert_allclose(heads.lm_logits(params, dropped, config), logits, rtol=1e-6)
+
+
+def test_init_classifier_from_an_encoder_keeps_it_and_draws_the_same_head():
+    config = ClassifierConfig(encoder=EncoderConfig(vocab_size=30, emb_size=8, n_hidden=12, n_layers=2), n_classes=3)
+    params, stats = models.init_classifier(jax.random.PRNGKey(0), config)
+    fine_tuned = models.init_classifier(jax.random.PRNGKey(1), config)[0]["encoder"]
+    started, started_stats = models.init_classifier(jax.random.PRNGKey(0), config, fine_tuned)
+    jax.tree.map(np.testing.assert_array_equal, started["encoder"], fine_tuned)
+    jax.tree.map(np.testing.assert_array_equal, (started["head"], started_stats), (params["head"], stats))
+    assert not np.array_equal(started["encoder"]["embed"], params["encoder"]["embed"])

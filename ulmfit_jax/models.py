@@ -54,11 +54,14 @@ def language_model_apply(params: dict, tokens: jax.Array, state: list, *, config
 
 
 @functools.partial(jax.jit, static_argnames="config")
-def init_classifier(key: jax.Array, config: ClassifierConfig) -> tuple[dict, list]:
-    """Returns (params, batch_stats)."""
+def init_classifier(key: jax.Array, config: ClassifierConfig, encoder_params: dict | None = None) -> tuple[dict, list]:
+    """Returns (params, batch_stats). `encoder_params`: a fine-tuned encoder to start from instead of
+    a random one (the head is the same either way; the program then compiles no encoder init)."""
     encoder_key, head_key = jax.random.split(key)
     head_params, batch_stats = heads.init_classifier_head(head_key, config)
-    return {"encoder": encoder.init_encoder(encoder_key, config.encoder), "head": head_params}, batch_stats
+    if encoder_params is None:
+        encoder_params = encoder.init_encoder(encoder_key, config.encoder)
+    return {"encoder": encoder_params, "head": head_params}, batch_stats
 
 
 def classifier_apply(params: dict, batch_stats: list, tokens: jax.Array, *, config: ClassifierConfig,
