@@ -89,8 +89,10 @@ def test_the_functions_example():
 
 
 def test_the_custom_training_loop_trains_a_classifier():
+    """Two stages of 6 epochs: 0.91-0.99 training accuracy over seeds 0-5 (3 epochs each gave
+    0.47-0.70 on most seeds: the example did not train, whatever its seed 0 showed)."""
     namespace, printed = run_block(block("make_train_step("), "custom loop")
     assert printed.startswith("loss ")
     accuracy = (namespace["probabilities"].argmax(1) == namespace["labels"]).mean()
     assert accuracy > 0.9 and float(namespace["metrics"]["loss"]) < 0.5
-    assert int(namespace["state"].step) == 2 * 3 * 8
+    assert int(namespace["state"].step) == 2 * 6 * 8
