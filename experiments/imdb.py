@@ -48,10 +48,15 @@ from ulmfit_jax.text.datasets import data_dir  # noqa: E402
 DIRECTIONS = ("forward", "backward")
 
 
+def step_record(args, name: str) -> Path:
+    """Where `step` keeps step `name`'s result: OUT/steps/name.json."""
+    return args.out / "steps" / f"{name}.json"
+
+
 def step(args, name: str, command: list) -> dict:
     """Run one script (unless OUT/steps/name.json records it done) -> its last JSON line, with the
     wall and CPU seconds."""
-    record = args.out / "steps" / f"{name}.json"
+    record = step_record(args, name)
     if record.exists():
         return json.loads(record.read_text())
     (args.out / "logs").mkdir(exist_ok=True)
@@ -133,8 +138,9 @@ def main(argv=None):
     parser.add_argument("--lm-docs", type=int, default=6_000, help="train + unsup reviews for LM fine-tuning")
     parser.add_argument("--train-docs", type=int, default=2_500, help="labelled training reviews, balanced")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lms-from", type=Path, help="an earlier OUT of this experiment (same --lm-docs, "
-                        "--max-vocab and --seed) whose prepared data and fine-tuned LMs the classifiers start from")
+    parser.add_argument("--lms-from", type=Path, help="an earlier OUT of this experiment (same --pretrained, "
+                        "--wiki-words, --lm-docs, --max-vocab and --seed) whose prepared data and fine-tuned LMs "
+                        "the classifiers start from")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 

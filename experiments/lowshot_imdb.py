@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imdb import ROOT, SCRIPTS, bench, step  # experiments/imdb.py: one resumable script run, bench_small_data
+from imdb import ROOT, SCRIPTS, bench, step, step_record  # experiments/imdb.py: resumable script runs, bench_small_data
 
 from common import git_state, machine, versions  # noqa: E402  (benchmarks/, on sys.path through imdb)
 from ulmfit_jax import checkpoint  # noqa: E402
@@ -47,12 +47,14 @@ def architecture(pretrained: Path) -> list:
     return ["--emb-sz", encoder.emb_size, "--n-hid", encoder.n_hidden, "--n-layers", encoder.n_layers]
 
 
-STEPS = ("scratch", "lm_supervised", "supervised", "semi")
+def point_steps(seed: int, n: int) -> dict[str, str]:
+    """The names of the point's steps (and of their run folders in OUT), at n labelled reviews and `seed`."""
+    return {kind: f"{kind}_n{n}_seed{seed}" for kind in ("scratch", "lm_supervised", "supervised", "semi")}
 
 
 def ran(args, seed: int, n: int) -> bool:
-    """Whether every step of the point at n labelled reviews and `seed` is recorded in OUT/steps."""
-    return all((args.out / "steps" / f"{name}_n{n}_seed{seed}.json").exists() for name in STEPS)
+    """Whether every step of the point is recorded in OUT/steps."""
+    return all(step_record(args, name).exists() for name in point_steps(seed, n).values())
 
 
 def run_point(args, seed: int, n: int) -> dict:
@@ -60,16 +62,16 @@ def run_point(args, seed: int, n: int) -> dict:
     flags = bench.imdb_flags(epochs(n))
     common = ["--data", args.imdb / "data", "--train-docs", n, "--test-docs", args.test_docs, "--seed", seed,
               *flags["classifier"]]
-    tag = f"n{n}_seed{seed}"
-    scratch = step(args, f"scratch_{tag}", [SCRIPTS / "train_classifier.py", *common, *architecture(args.pretrained),
-                                            "--out", args.out / f"scratch_{tag}"])
-    lm = step(args, f"lm_supervised_{tag}", [
+    names = point_steps(seed, n)
+    scratch = step(args, names["scratch"], [SCRIPTS / "train_classifier.py", *common, *architecture(args.pretrained),
+                                            "--out", args.out / names["scratch"]])
+    lm = step(args, names["lm_supervised"], [
         SCRIPTS / "finetune_lm.py", "--data", args.imdb / "data", "--pretrained", args.pretrained, "--out",
-        args.out / f"lm_supervised_{tag}", "--labelled-docs", n, "--seed", seed, *flags["finetune"]])
-    supervised = step(args, f"supervised_{tag}", [SCRIPTS / "train_classifier.py", *common, "--encoder", lm["encoder"],
-                                                  "--out", args.out / f"supervised_{tag}"])
-    semi = step(args, f"semi_{tag}", [SCRIPTS / "train_classifier.py", *common, "--encoder", args.semi_supervised,
-                                      "--out", args.out / f"semi_{tag}"])
+        args.out / names["lm_supervised"], "--labelled-docs", n, "--seed", seed, *flags["finetune"]])
+    supervised = step(args, names["supervised"], [SCRIPTS / "train_classifier.py", *common, "--encoder",
+                                                  lm["encoder"], "--out", args.out / names["supervised"]])
+    semi = step(args, names["semi"], [SCRIPTS / "train_classifier.py", *common, "--encoder", args.semi_supervised,
+                                      "--out", args.out / names["semi"]])
     return {"from scratch": scratch, "supervised": supervised, "semi-supervised": semi, "lm_supervised": lm}
 
 
