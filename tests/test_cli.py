@@ -3,6 +3,7 @@
 import json
 import math
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,6 +18,43 @@ def test_keep_freed_memory_sets_glibc_malloc_unless_turned_off(monkeypatch):
     assert cli.keep_freed_memory() is False
     monkeypatch.delenv(cli.MALLOC_ENV)
     assert cli.keep_freed_memory() is True         # glibc accepted every value (mallopt returned 1)
+
+
+_FAULTS_PER_CALL = """
+import resource, jax, jax.numpy as jnp
+from ulmfit_jax import cli, lstm
+cli.keep_freed_memory()
+params, x = lstm.init_lstm_params(jax.random.key(0), 128, 384), jnp.ones((70, 64, 128))
+state = (jnp.zeros((64, 384)), jnp.zeros((64, 384)))
+step = jax.jit(jax.grad(lambda params: lstm.lstm_layer(params, x, state)[0].sum()))
+temp = step.lower(params).compile().memory_analysis().temp_size_in_bytes
+assert temp > 64 << 20, temp              # over what a worker thread's arena can hold
+shares = []
+for _ in range(8):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    jax.block_until_ready(step(params))
+    shares.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / (temp / 4096))
+print(sorted(shares)[4])                  # the median call's page faults / the buffer's pages
+"""
+
+
+@pytest.mark.skipif(cli.glibc_version() is None, reason="mallopt is glibc's")
+def test_keep_freed_memory_stops_each_step_faulting_its_buffers_back_in():
+    """An LSTM layer's gradient, whose intermediates need over 64 MB, run again and again in a fresh
+    process: with the settings their pages are faulted in once, not on every call as with glibc's
+    defaults."""
+    import os
+    import subprocess
+    import sys
+
+    def faulted_share(malloc):
+        env = {**os.environ, cli.MALLOC_ENV: malloc}
+        done = subprocess.run([sys.executable, "-c", _FAULTS_PER_CALL], env=env, capture_output=True, text=True,
+                              check=True, cwd=Path(__file__).resolve().parent.parent)
+        return float(done.stdout.split()[-1])
+
+    assert faulted_share("default") > 0.5
+    assert faulted_share("keep") < 0.05
 
 
 def test_document_subset_is_balanced_seeded_and_keeps_the_order():

@@ -44,7 +44,7 @@ def use_compilation_cache(directory: str | os.PathLike | None = None) -> Path | 
 
 
 # glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
 MALLOC_ENV = "ULMFIT_MALLOC"
 
 
@@ -57,24 +57,30 @@ def glibc_version() -> str | None:
 
 
 def keep_freed_memory() -> bool:
-    """Tell glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel.
+    """Keep the memory XLA:CPU frees for its next step instead of page-faulting it back in; call it
+    before JAX's first computation.
 
-    XLA:CPU allocates every step's buffers afresh; with glibc's defaults the heap is trimmed when
-    they are freed and the next step page-faults the memory back in. Keeping up to 1 GiB at the top
-    of the heap (M_TRIM_THRESHOLD), growing it 256 MiB at a time (M_TOP_PAD) and serving blocks up
-    to 32 MiB from the heap rather than fresh mmaps (M_MMAP_THRESHOLD) avoids those faults. What it
-    cannot reach: a block over 64 MB that XLA allocates from one of its worker threads (a whole
-    execution's temporary buffer) comes from that thread's arena, which glibc serves by a fresh mmap
-    whatever these settings say; `MALLOC_ARENA_MAX=1` would route it through the main heap, but it
-    made whole runs slower.
-    The process's own setting only, made at run time; a no-op where the C library is not glibc, or
+    XLA:CPU allocates every execution's buffers afresh, the largest one block of all its
+    intermediates (over 100 MB for a 128/384 LSTM layer's forward and backward at 64 x 70). With
+    glibc's defaults such a block is a fresh mmap, unmapped when freed, and the next step faults
+    all its pages back in. So:
+    - glibc's malloc keeps what is freed: up to 1 GiB at the top of the heap (M_TRIM_THRESHOLD),
+      grown 256 MiB at a time (M_TOP_PAD), no block served by mmap (M_MMAP_MAX = 0);
+    - single-device computations run on the calling thread (`jax_cpu_enable_async_dispatch` off,
+      read when JAX makes its CPU client): on a worker thread they would allocate from that thread's
+      arena, whose heaps hold at most 64 MB, and glibc serves a larger block by mmap whatever the
+      settings say.
+    The process's own settings only, made at run time; a no-op where the C library is not glibc, or
     with $ULMFIT_MALLOC=default.
     -> whether the settings were applied."""
     import ctypes
+
+    import jax
     if os.environ.get(MALLOC_ENV) == "default" or glibc_version() is None:
         return False
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
     libc = ctypes.CDLL(None)                                # the C library this process runs on
-    settings = ((_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 256 << 20), (_M_MMAP_THRESHOLD, 32 << 20))
+    settings = ((_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 256 << 20), (_M_MMAP_MAX, 0))
     return all(libc.mallopt(parameter, value) == 1 for parameter, value in settings)
 
 
