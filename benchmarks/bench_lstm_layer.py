@@ -6,6 +6,9 @@ The two parts of the demo's pretraining step (`scripts/demo.py`: 128/384/2, voca
   `ulmfit_jax.lstm.lstm_layer`, loss sum(outputs^2), gradients for the weights and the input.
 - decoder + cross-entropy: `F.cross_entropy(F.linear(h, W, b), y)` against
   `ulmfit_jax.losses.fused_linear_cross_entropy`, gradients for h, W and b.
+- one matrix product as large as the 128 -> 384 layer's products taken together
+  ([4480, 512] x [512, 1536], forward only): the rate this machine's matrix products reach,
+  against which the other rows' rates (their matrix products' FLOPs over their time) compare.
 
     .venv/bin/python benchmarks/bench_lstm_layer.py --repeats 15
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -29,6 +33,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
 
+    from ulmfit_jax import cli
+    cli.keep_freed_memory()               # as the training scripts do ($ULMFIT_MALLOC=default: glibc's defaults)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -53,8 +59,9 @@ def main(argv=None):
         state = (jnp.zeros((batch, n_out)), jnp.zeros((batch, n_out)))
         grad = jax.jit(jax.grad(lambda p, x, state=state: jnp.sum(lstm.lstm_layer(p, x, state)[0] ** 2),
                                 argnums=(0, 1)))
+        products = 2 * steps * batch * (n_in + n_out) * 4 * n_out          # the forward's; backward twice that
         cases[f"LSTM {n_in} -> {n_out}"] = (torch_lstm, lambda grad=grad, p=params, x=jnp.asarray(x):
-                                            jax.block_until_ready(grad(p, x)))
+                                            jax.block_until_ready(grad(p, x)), 3 * products)
     hidden = rng.standard_normal((steps * batch, 128), dtype=np.float32)
     weight = 0.01 * rng.standard_normal((vocab, 128), dtype=np.float32)
     targets = rng.integers(0, vocab, steps * batch)
@@ -67,7 +74,16 @@ def main(argv=None):
     loss_grad = jax.jit(jax.grad(lambda h, w, b: losses.fused_linear_cross_entropy(h, w, b, jnp.asarray(targets)),
                                  argnums=(0, 1, 2)))
     arrays = (jnp.asarray(hidden), jnp.asarray(weight), jnp.zeros(vocab))
-    cases["decoder + cross-entropy"] = (torch_loss, lambda: jax.block_until_ready(loss_grad(*arrays)))
+    cases["decoder + cross-entropy"] = (torch_loss, lambda: jax.block_until_ready(loss_grad(*arrays)),
+                                        3 * 2 * steps * batch * 128 * vocab)
+    left = rng.standard_normal((steps * batch, 128 + 384), dtype=np.float32)
+    right = rng.standard_normal((128 + 384, 4 * 384), dtype=np.float32)
+    left_t, right_t = torch.tensor(left), torch.tensor(right)
+    product = jax.jit(jnp.matmul)
+    left_j, right_j = jnp.asarray(left), jnp.asarray(right)
+    cases["one matrix product, 4480 x 512 x 1536"] = (lambda: left_t @ right_t,
+                                                       lambda: jax.block_until_ready(product(left_j, right_j)),
+                                                       2 * left.shape[0] * left.shape[1] * right.shape[1])
 
     def timed(fn):
         start = time.perf_counter()
@@ -75,7 +91,7 @@ def main(argv=None):
         return time.perf_counter() - start
 
     rows, results = [], []
-    for name, (theirs, ours) in cases.items():
+    for name, (theirs, ours, flops) in cases.items():
         theirs(), ours(), theirs(), ours()                        # warm-up and compile
         times = {"torch": [], "ours": []}
         for repeat in range(args.repeats):
@@ -83,12 +99,15 @@ def main(argv=None):
             for side in order:
                 times[side].append(timed(theirs if side == "torch" else ours))
         medians = {side: statistics.median(values) * 1000 for side, values in times.items()}
-        results.append({"case": name, "torch_ms": medians["torch"], "ours_ms": medians["ours"]})
+        rates = {side: flops / ms / 1e6 for side, ms in medians.items()}
+        results.append({"case": name, "torch_ms": medians["torch"], "ours_ms": medians["ours"], "gflop": flops / 1e9,
+                        "torch_gflop_per_s": rates["torch"], "ours_gflop_per_s": rates["ours"]})
         rows.append(f"| {name} | {medians['torch']:.1f} | {medians['ours']:.1f} | "
-                    f"{medians['torch'] / medians['ours']:.2f}x |")
+                    f"{medians['torch'] / medians['ours']:.2f}x | {rates['torch']:.0f} | {rates['ours']:.0f} |")
     env = {"cpu": cpu_model(), "threads": args.threads, "python": platform.python_version(),
-           "jax": jax.__version__, "torch": torch.__version__}
-    print(f"{env}\n\n| forward + backward, 70 x 64 | torch (ms) | ulmfit_jax (ms) | ours' speed (torch ms / ours ms) |\n|---|---|---|---|")
+           "jax": jax.__version__, "torch": torch.__version__, "malloc": os.environ.get(cli.MALLOC_ENV, "kept")}
+    print(f"{env}\n\n| forward + backward, 70 x 64 | torch (ms) | ulmfit_jax (ms) | ours' speed (torch ms / ours ms) "
+          f"| torch GFLOP/s | ulmfit_jax GFLOP/s |\n|---|---|---|---|---|---|")
     print("\n".join(rows))
     print(json.dumps({"benchmark": "lstm_layer", "env": env, "results": results}))
 

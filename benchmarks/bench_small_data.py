@@ -38,8 +38,11 @@ a user sees on a rerun. Each script run is timed from outside, process start to 
 alternate which goes first with the seed. Each run also records its CPU seconds and the load
 average before it: other processes on the same cores can slow the two sides unequally (their
 thread pools wait in different ways), so a run with a high load before it is no clean measurement.
-Results are appended to OUT/results.jsonl as they come and runs already there are not repeated
-(so `--sides fastai` reruns one side, and an interrupted benchmark resumes; `--fresh` repeats
+Our scripts set glibc's malloc to keep freed memory (`cli.keep_freed_memory`); fastai's processes
+run with glibc's defaults, as a fastai user's do, or with `--fastai-malloc kept` with the same
+settings (glibc's MALLOC_TRIM_THRESHOLD_ / MALLOC_TOP_PAD_ / MALLOC_MMAP_MAX_, from which PyTorch's
+steps gain too; give that run its own OUT). Results are appended to OUT/results.jsonl as they come
+and runs already there are not repeated (so `--sides fastai` reruns one side, and an interrupted benchmark resumes; `--fresh` repeats
 them); OUT/results.json and OUT/results.md hold the summary, the last stdout line too.
 
     .venv/bin/python benchmarks/bench_small_data.py --seeds 0 1 2 --warm
@@ -445,15 +448,17 @@ def run_fastai(args, name: str, data_dir: Path, pretrained: dict, seed: int, run
     plan = fastai_plan(args, name, data_dir, pretrained, seed, run)
     plan_path = run / "fastai_plan.json"
     plan_path.write_text(json.dumps(plan, indent=1))
+    env = None if args.fastai_malloc == "default" else {
+        **os.environ, "MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_TOP_PAD_": str(256 << 20), "MALLOC_MMAP_MAX_": "0"}
     timed = {part: timed_run([python(), Path(__file__).resolve(), "--fastai-part", part, "--plan", plan_path],
-                             log_path=run / f"{part}.log") for part in ("finetune", "classifier")}
+                             log_path=run / f"{part}.log", env=env) for part in ("finetune", "classifier")}
     results = {part: t.result for part, t in timed.items()}
     return {**walls(timed["finetune"], timed["classifier"]),
             "finetune_seconds": results["finetune"]["seconds"], "classifier_seconds": results["classifier"]["seconds"],
             "finetune_valid_loss": results["finetune"]["best_valid_loss"],
             "test_accuracy": results["classifier"]["test_accuracy"],
             "valid_accuracy": results["classifier"].get("last_accuracy"),
-            "valid_split": plan["classifier"]["documents"]["valid_split"]}
+            "valid_split": plan["classifier"]["documents"]["valid_split"], "malloc": args.fastai_malloc}
 
 
 def fresh(path: Path) -> Path:
@@ -531,6 +536,8 @@ def main(argv=None):
                         help="1 epoch where the recipe has 4 (fine-tuning's unfrozen stage, the classifier's last)")
     parser.add_argument("--fresh", action="store_true",
                         help="rerun the selected runs even where OUT has results (the newest result is reported)")
+    parser.add_argument("--fastai-malloc", choices=("default", "kept"), default="default",
+                        help="fastai's processes with glibc's malloc defaults, or keeping freed memory as ours do")
     parser.add_argument("--wiki-words", type=int, default=1_500_000,
                         help="words of enwiki/AA.jsonl.gz to pretrain on (once; kept in OUT/pretrain)")
     parser.add_argument("--fastai-part", choices=("finetune", "classifier"), help=argparse.SUPPRESS)
