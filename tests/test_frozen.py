@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ulmfit_jax import frozen, models, optim, steps, train
+from ulmfit_jax import compile_ahead, frozen, models, optim, steps
 from ulmfit_jax.config import awd_lstm_clas_config, awd_qrnn_clas_config
 
 
@@ -67,7 +67,7 @@ def test_the_shared_step_trains_each_stage_as_a_step_that_differentiates_only_it
     labels = optim.layer_group_labels(params, "classifier")
     config_opt = optim.OptimizerConfig(learning_rate=1e-2)
     optimizer = optim.stage_optimizer(config_opt, params, "classifier")
-    quick = dict(train.QUICK_COMPILE_CPU_OPTIONS)
+    quick = dict(compile_ahead.QUICK_COMPILE_CPU_OPTIONS)
     shared = steps.make_train_step("classifier", config, optimizer, params, compiler_options=quick)
     for trainable in [optim.freeze_to(n, 4) for n in stages]:
         own = steps.make_train_step("classifier", config, optimizer, params, differentiated=trainable,

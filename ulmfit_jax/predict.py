@@ -13,18 +13,21 @@ import jax
 import numpy as np
 
 from ulmfit_jax import models
+from ulmfit_jax.compile_ahead import quick_compile_options
 from ulmfit_jax.config import ClassifierConfig
 
 
 def classifier_predictor(config: ClassifierConfig, compute_dtype=None):
     """-> predict(params, batch_stats, tokens int32[B, S]) -> probabilities f32[B, C], eval mode. One
-    jitted function per (config, compute_dtype), so that every caller shares its compiled programs."""
+    jitted function per (config, compute_dtype), so that every caller shares its compiled programs;
+    on CPU compiled with XLA's quick settings (`compile_ahead.quick_compile_options`), with which a
+    forward pass runs as fast and compiles in half the time."""
     return _predictor(config, compute_dtype)
 
 
 @functools.lru_cache(maxsize=8)
 def _predictor(config: ClassifierConfig, compute_dtype):
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=quick_compile_options())
     def predict(params, batch_stats, tokens):
         logits, _, _ = models.classifier_apply(params, batch_stats, tokens, config=config,
                                                compute_dtype=compute_dtype)

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from ulmfit_jax import encoder, metrics, optim, parallel, predict, steps
-from ulmfit_jax.compile_ahead import Compiler
+from ulmfit_jax.compile_ahead import Compiler, quick_compile_options
 from ulmfit_jax.config import ClassifierConfig, LanguageModelConfig
 from ulmfit_jax.steps import RegularizationConfig  # noqa: F401  (the loop's callers pass it)
 
@@ -88,13 +88,12 @@ class _Signals:
             signal.signal(sig, handler)
 
 
-# XLA:CPU options that trade run time for compile time: optimisation level 1 and the classic fusion
-# emitters. A run is short enough for them when its steps cover at most QUICK_COMPILE_MAX_POSITIONS[kind]
-# token positions (batch x length, padding included). Measured with a 128/384/2 model on CPU: a quick
+# A run is short enough for XLA:CPU's quick settings (`compile_ahead.QUICK_COMPILE_CPU_OPTIONS`) when
+# its steps cover at most QUICK_COMPILE_MAX_POSITIONS[kind] token positions (batch x length, padding
+# included). Measured with a 128/384/2 model on CPU: a quick
 # language-model step compiles 1.2 s faster and runs 17% slower, so only a run of a few seconds of
 # steps gains; a classifier's train steps (BPT3C over several widths) compile 3-4 s faster each and
 # run 15-18% slower, about even for TREC-6 (1.6M positions) and 900 IMDb reviews (5.0M).
-QUICK_COMPILE_CPU_OPTIONS = (("xla_backend_optimization_level", 1), ("xla_cpu_use_fusion_emitters", False))
 QUICK_COMPILE_MAX_POSITIONS = {"lm": 100_000, "classifier": 4_000_000}
 
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -135,11 +134,11 @@ def run_stages(kind: str, config, state: steps.TrainState, stages, steps_per_epo
     does what an epoch resets (the LM's hidden state); `evaluate(params, carry)` -> validation
     metrics. `share_compiles`: one train step for every stage (the backward pass runs through
     frozen groups); False: each stage's own, differentiating only its groups. `quick_compile`: compile
-    the train step for compile time rather than run time (`QUICK_COMPILE_CPU_OPTIONS`, CPU only);
-    None: when the run is short (its steps times its widest batch's token positions at most
-    `QUICK_COMPILE_MAX_POSITIONS[kind]`). `compiler`: where the
-    train steps compile (and `evaluate` may call its programs); `ahead`: `(fn, *args)` of further
-    programs to compile in the background after the train steps (the evaluation's).
+    the train step for compile time rather than run time (`compile_ahead.QUICK_COMPILE_CPU_OPTIONS`,
+    CPU only); None: when the run is short (its steps times its widest batch's token positions at
+    most `QUICK_COMPILE_MAX_POSITIONS[kind]`). `compiler`: where the train steps compile (and
+    `evaluate` may call its programs); `ahead`: `(fn, *args)` of further programs to compile in the
+    background after the train steps (the evaluation's).
     """
     labels = optim.layer_group_labels(state.params, kind)
     count = optim.n_groups(labels)
@@ -153,7 +152,7 @@ def run_stages(kind: str, config, state: steps.TrainState, stages, steps_per_epo
     if quick_compile is None:
         positions = max(int(np.prod(leaf.shape)) for spec in batch_specs for leaf in jax.tree.leaves(spec))
         quick_compile = total_steps * positions <= QUICK_COMPILE_MAX_POSITIONS[kind]
-    compiler_options = dict(QUICK_COMPILE_CPU_OPTIONS) if quick_compile and jax.default_backend() == "cpu" else None
+    compiler_options = quick_compile_options() if quick_compile else None
     built = {}
 
     def stage_step(index):
