@@ -76,10 +76,9 @@ def keep_freed_memory() -> bool:
     with $ULMFIT_MALLOC=default.
     -> whether the settings were applied."""
     import ctypes
-
-    import jax
     if os.environ.get(MALLOC_ENV) == "default" or glibc_version() is None:
         return False
+    import jax
     jax.config.update("jax_cpu_enable_async_dispatch", False)
     libc = ctypes.CDLL(None)                                # the C library this process runs on
     settings = ((_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 256 << 20), (_M_MMAP_MAX, 0))

@@ -23,8 +23,9 @@ import jax
 
 
 # XLA:CPU options that trade run time for compile time: optimisation level 1 and the classic fusion
-# emitters. A forward pass (prediction, evaluation) runs as fast with them and compiles in half the
-# time; a train step compiles faster and runs slower (`train.QUICK_COMPILE_MAX_POSITIONS`).
+# emitters. A classifier's forward pass runs as fast with them and compiles in half the time; a
+# language model's evaluation runs a third slower (its decoder and softmax), and a train step
+# compiles faster and runs slower (`train.QUICK_COMPILE_MAX_POSITIONS`).
 QUICK_COMPILE_CPU_OPTIONS = (("xla_backend_optimization_level", 1), ("xla_cpu_use_fusion_emitters", False))
 
 
