@@ -3,6 +3,7 @@
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,14 +15,24 @@ from ulmfit_jax import cli
 
 @pytest.mark.skipif(cli.glibc_version() is None, reason="mallopt is glibc's")
 def test_keep_freed_memory_sets_glibc_malloc_unless_turned_off(monkeypatch):
+    import jax
     monkeypatch.setenv(cli.MALLOC_ENV, "default")
     assert cli.keep_freed_memory() is False
     monkeypatch.delenv(cli.MALLOC_ENV)
-    assert cli.keep_freed_memory() is True         # glibc accepted every value (mallopt returned 1)
+    dispatch = jax.config.values["jax_cpu_enable_async_dispatch"]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")      # this process's backend may exist already
+            assert cli.keep_freed_memory() is True         # glibc accepted every value (mallopt returned 1)
+        assert jax.config.values["jax_cpu_enable_async_dispatch"] is False
+    finally:
+        jax.config.update("jax_cpu_enable_async_dispatch", dispatch)    # the other tests' setting
 
 
 _FAULTS_PER_CALL = """
-import resource, jax, jax.numpy as jnp
+import ctypes, resource
+ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)   # PR_SET_THP_DISABLE: 4 KiB pages whatever the host's huge-page setting
+import jax, jax.numpy as jnp
 from ulmfit_jax import cli, lstm
 cli.keep_freed_memory()
 params, x = lstm.init_lstm_params(jax.random.key(0), 128, 384), jnp.ones((70, 64, 128))
@@ -48,9 +59,11 @@ def test_keep_freed_memory_stops_each_step_faulting_its_buffers_back_in():
     import sys
 
     def faulted_share(malloc):
-        env = {**os.environ, cli.MALLOC_ENV: malloc}
+        env = {**{k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}, cli.MALLOC_ENV: malloc,
+               "JAX_PLATFORMS": "cpu"}
         done = subprocess.run([sys.executable, "-c", _FAULTS_PER_CALL], env=env, capture_output=True, text=True,
-                              check=True, cwd=Path(__file__).resolve().parent.parent)
+                              cwd=Path(__file__).resolve().parent.parent)
+        assert done.returncode == 0, done.stderr[-2000:]
         return float(done.stdout.split()[-1])
 
     assert faulted_share("default") > 0.5

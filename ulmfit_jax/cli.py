@@ -32,8 +32,7 @@ def use_compilation_cache(directory: str | os.PathLike | None = None) -> Path | 
     shapes loads its executables instead of compiling them again (the cache is keyed on the
     program, the compile options and the jax/jaxlib versions). Directory: `directory`, else
     $ULMFIT_COMPILATION_CACHE, else ~/.cache/ulmfit_jax/xla; "off" (or "") turns it off. Programs
-    that compile in 0.1 s or more are kept (a run's evaluation and prediction programs compile in
-    a quarter to a half of a second each).
+    that compile in 0.1 s or more are kept, a run's short evaluation and prediction programs too.
     -> the directory used, or None."""
     import jax
     if directory is None:
@@ -45,8 +44,10 @@ def use_compilation_cache(directory: str | os.PathLike | None = None) -> Path | 
     return Path(directory)
 
 
-# glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+# glibc's malloc settings that keep freed memory: (mallopt parameter from malloc.h, the environment
+# variable glibc reads at start-up for it, value)
+MALLOC_SETTINGS = ((-1, "MALLOC_TRIM_THRESHOLD_", 1 << 30), (-2, "MALLOC_TOP_PAD_", 256 << 20),
+                   (-4, "MALLOC_MMAP_MAX_", 0))
 MALLOC_ENV = "ULMFIT_MALLOC"
 
 
@@ -60,29 +61,37 @@ def glibc_version() -> str | None:
 
 def keep_freed_memory() -> bool:
     """Keep the memory XLA:CPU frees for its next step instead of page-faulting it back in; call it
-    before JAX's first computation.
+    before anything makes JAX's backend (devices, arrays, computations).
 
     XLA:CPU allocates every execution's buffers afresh, the largest one block of all its
     intermediates (over 100 MB for a 128/384 LSTM layer's forward and backward at 64 x 70). With
     glibc's defaults such a block is a fresh mmap, unmapped when freed, and the next step faults
     all its pages back in. So:
-    - glibc's malloc keeps what is freed: up to 1 GiB at the top of the heap (M_TRIM_THRESHOLD),
-      grown 256 MiB at a time (M_TOP_PAD), no block served by mmap (M_MMAP_MAX = 0);
+    - glibc's malloc keeps what is freed (`MALLOC_SETTINGS`): up to 1 GiB at the top of the heap
+      (M_TRIM_THRESHOLD), grown 256 MiB at a time (M_TOP_PAD), no block served by mmap
+      (M_MMAP_MAX = 0). The cost: large blocks are no longer handed back to the kernel when
+      freed, so the process stays near its peak memory;
     - single-device computations run on the calling thread (`jax_cpu_enable_async_dispatch` off,
       read when JAX makes its CPU client): on a worker thread they would allocate from that thread's
       arena, whose heaps hold at most 64 MB, and glibc serves a larger block by mmap whatever the
-      settings say.
+      settings say. A call then returns when its computation is done, so the host's work between
+      steps no longer overlaps it; where JAX's backend exists already, a warning says the dispatch
+      stays asynchronous.
     The process's own settings only, made at run time; a no-op where the C library is not glibc, or
     with $ULMFIT_MALLOC=default.
-    -> whether the settings were applied."""
+    -> whether glibc took the settings."""
     import ctypes
+    import warnings
     if os.environ.get(MALLOC_ENV) == "default" or glibc_version() is None:
         return False
     import jax
+    from jax._src import xla_bridge
+    if xla_bridge.backends_are_initialized():
+        warnings.warn("keep_freed_memory: JAX's backend exists already, so its computations keep being "
+                      "dispatched to worker threads; call it first", stacklevel=2)
     jax.config.update("jax_cpu_enable_async_dispatch", False)
     libc = ctypes.CDLL(None)                                # the C library this process runs on
-    settings = ((_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 256 << 20), (_M_MMAP_MAX, 0))
-    return all(libc.mallopt(parameter, value) == 1 for parameter, value in settings)
+    return all(libc.mallopt(parameter, value) == 1 for parameter, _, value in MALLOC_SETTINGS)
 
 
 def add_compilation_cache_flag(parser: argparse.ArgumentParser) -> None:

@@ -21,7 +21,8 @@ def classifier_predictor(config: ClassifierConfig, compute_dtype=None):
     """-> predict(params, batch_stats, tokens int32[B, S]) -> probabilities f32[B, C], eval mode. One
     jitted function per (config, compute_dtype), so that every caller shares its compiled programs;
     on CPU compiled with XLA's quick settings (`compile_ahead.quick_compile_options`), with which a
-    forward pass runs as fast and compiles in half the time."""
+    forward pass runs as fast and compiles in half the time. Building one asks JAX for its default
+    backend (which makes it: call `cli.keep_freed_memory` or `jax.distributed.initialize` first)."""
     return _predictor(config, compute_dtype)
 
 
@@ -52,7 +53,7 @@ def classifier_batch_settings(config: ClassifierConfig, batch_size: int, backwar
 
 def predict_classifier(predict, params, batch_stats, documents, settings) -> np.ndarray:
     """Class probabilities f32[N, C] in the documents' order; every batch is dispatched before any
-    result is read."""
+    result is read (asynchronous dispatch then overlaps the host's batching with the computations)."""
     from ulmfit_jax.text.batches import classifier_batches
     probabilities = None
     outputs = []
