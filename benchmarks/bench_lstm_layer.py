@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import time
@@ -34,7 +33,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from ulmfit_jax import cli
-    cli.keep_freed_memory()               # as the training scripts do ($ULMFIT_MALLOC=default: glibc's defaults)
+    malloc = "kept" if cli.keep_freed_memory() else "default"   # as the training scripts do ($ULMFIT_MALLOC=default: not)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -105,7 +104,7 @@ def main(argv=None):
         rows.append(f"| {name} | {medians['torch']:.1f} | {medians['ours']:.1f} | "
                     f"{medians['torch'] / medians['ours']:.2f}x | {rates['torch']:.0f} | {rates['ours']:.0f} |")
     env = {"cpu": cpu_model(), "threads": args.threads, "python": platform.python_version(),
-           "jax": jax.__version__, "torch": torch.__version__, "malloc": os.environ.get(cli.MALLOC_ENV, "kept")}
+           "jax": jax.__version__, "torch": torch.__version__, "malloc": malloc}
     print(f"{env}\n\n| forward + backward, 70 x 64 | torch (ms) | ulmfit_jax (ms) | ours' speed (torch ms / ours ms) "
           f"| torch GFLOP/s | ulmfit_jax GFLOP/s |\n|---|---|---|---|---|---|")
     print("\n".join(rows))

@@ -40,10 +40,11 @@ average before it: other processes on the same cores can slow the two sides uneq
 thread pools wait in different ways), so a run with a high load before it is no clean measurement.
 Our scripts set glibc's malloc to keep freed memory (`cli.keep_freed_memory`); fastai's processes
 run with glibc's defaults, as a fastai user's do, or with `--fastai-malloc kept` with the same
-settings (glibc's MALLOC_TRIM_THRESHOLD_ / MALLOC_TOP_PAD_ / MALLOC_MMAP_MAX_, from which PyTorch's
-steps gain too; give that run its own OUT). Results are appended to OUT/results.jsonl as they come
-and runs already there are not repeated (so `--sides fastai` reruns one side, and an interrupted benchmark resumes; `--fresh` repeats
-them); OUT/results.json and OUT/results.md hold the summary, the last stdout line too.
+settings (`cli.MALLOC_SETTINGS` as glibc's environment variables, from which PyTorch's steps gain
+too; only fastai's runs with the chosen settings are reused and compared). Results are appended
+to OUT/results.jsonl as they come and runs already there are not repeated (so `--sides fastai`
+reruns one side, and an interrupted benchmark resumes; `--fresh` repeats them); OUT/results.json
+and OUT/results.md hold the summary, the last stdout line too.
 
     .venv/bin/python benchmarks/bench_small_data.py --seeds 0 1 2 --warm
     .venv/bin/python benchmarks/bench_small_data.py --datasets trec6 --seeds 0 --quick   # smoke test
@@ -448,8 +449,9 @@ def run_fastai(args, name: str, data_dir: Path, pretrained: dict, seed: int, run
     plan = fastai_plan(args, name, data_dir, pretrained, seed, run)
     plan_path = run / "fastai_plan.json"
     plan_path.write_text(json.dumps(plan, indent=1))
+    from ulmfit_jax import cli
     env = None if args.fastai_malloc == "default" else {
-        **os.environ, "MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_TOP_PAD_": str(256 << 20), "MALLOC_MMAP_MAX_": "0"}
+        **os.environ, **{variable: str(value) for _, variable, value in cli.MALLOC_SETTINGS}}
     timed = {part: timed_run([python(), Path(__file__).resolve(), "--fastai-part", part, "--plan", plan_path],
                              log_path=run / f"{part}.log", env=env) for part in ("finetune", "classifier")}
     results = {part: t.result for part, t in timed.items()}
@@ -555,7 +557,8 @@ def main(argv=None):
     recipe = "quick" if args.quick else "issue"
     results_path = args.out / "results.jsonl"
     results = [json.loads(line) for line in results_path.read_text().splitlines()] if results_path.exists() else []
-    results = [r for r in results if r["recipe"] == recipe and r["wiki_words"] == args.wiki_words]
+    results = [r for r in results if r["recipe"] == recipe and r["wiki_words"] == args.wiki_words
+               and (r["side"] != "fastai" or r.get("malloc", "default") == args.fastai_malloc)]
     done = set() if args.fresh else {(r["dataset"], r["side"], r["mode"], r["seed"]) for r in results}
     data_dirs = {name: prepare_dataset(args, name) for name in args.datasets}
     pretrained = pretrained_lm(args)
