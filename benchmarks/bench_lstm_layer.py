@@ -33,7 +33,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from ulmfit_jax import cli
-    malloc = "kept" if cli.keep_freed_memory() else "default"   # as the training scripts do ($ULMFIT_MALLOC=default: not)
+    malloc = "kept" if cli.keep_freed_memory() else "default"    # as the training scripts ($ULMFIT_MALLOC=default)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -80,9 +80,9 @@ def main(argv=None):
     left_t, right_t = torch.tensor(left), torch.tensor(right)
     product = jax.jit(jnp.matmul)
     left_j, right_j = jnp.asarray(left), jnp.asarray(right)
-    cases["one matrix product, 4480 x 512 x 1536"] = (lambda: left_t @ right_t,
-                                                       lambda: jax.block_until_ready(product(left_j, right_j)),
-                                                       2 * left.shape[0] * left.shape[1] * right.shape[1])
+    cases["one matrix product, 4480 x 512 x 1536 (forward)"] = (
+        lambda: left_t @ right_t, lambda: jax.block_until_ready(product(left_j, right_j)),
+        2 * left.shape[0] * left.shape[1] * right.shape[1])
 
     def timed(fn):
         start = time.perf_counter()

@@ -11,6 +11,9 @@ for compiles is `wait_seconds` (the loop leaves it out of its throughput).
 
 Tracing happens in the worker thread, so thread-local JAX settings (`jax.default_matmul_precision`
 as a context manager) do not reach it; set them globally (`jax.config.update`).
+
+`QUICK_COMPILE_CPU_OPTIONS` / `quick_compile_options()`: XLA:CPU's settings for a shorter compile,
+which short runs' train steps and every classifier prediction program use.
 """
 
 from __future__ import annotations

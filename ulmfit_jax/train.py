@@ -90,10 +90,10 @@ class _Signals:
 
 # A run is short enough for XLA:CPU's quick settings (`compile_ahead.QUICK_COMPILE_CPU_OPTIONS`) when
 # its steps cover at most QUICK_COMPILE_MAX_POSITIONS[kind] token positions (batch x length, padding
-# included). Measured with a 128/384/2 model on CPU: a quick
-# language-model step compiles 1.2 s faster and runs 17% slower, so only a run of a few seconds of
-# steps gains; a classifier's train steps (BPT3C over several widths) compile 3-4 s faster each and
-# run 15-18% slower, about even for TREC-6 (1.6M positions) and 900 IMDb reviews (5.0M).
+# included). With a 128/384/2 model on CPU a quick language-model step compiles faster but runs a
+# sixth slower, so only a run of a few seconds of steps gains; a classifier's train steps (BPT3C
+# over several widths) save more compile time each for a similar loss, about even for TREC-6 (1.6M
+# positions) and 900 IMDb reviews (5.0M).
 QUICK_COMPILE_MAX_POSITIONS = {"lm": 100_000, "classifier": 4_000_000}
 
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
